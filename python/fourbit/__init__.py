@@ -1,0 +1,53 @@
+# SPDX-License-Identifier: Apache-2.0
+"""fourbit: 4-bit (NF4/FP4) quantization, fused QLoRA kernels and QAT for PyTorch, compatible with bitsandbytes."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _build_info
+
+
+def _check_torch_version() -> None:
+    # The extension uses torch's C++ API, which is only stable within a minor release.
+    built = _build_info.TORCH_VERSION.split("+")[0].split(".")[:2]
+    running = torch.__version__.split("+")[0].split(".")[:2]
+    if built != running:
+        raise ImportError(
+            f"fourbit was compiled against torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
+            "installed; rebuild it against this torch with: pip install --no-build-isolation --force-reinstall "
+            "--no-deps fourbit (from the source tree: pip install --no-build-isolation .)"
+        )
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402  (registers the torch.ops.fourbit operators)
+from . import _ops  # noqa: E402,F401  (their fake implementations)
+from .functional import dequantize_4bit, quantize_4bit  # noqa: E402
+from .quant_state import QuantState  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of fourbit contains the CUDA kernels."""
+    return bool(_build_info.WITH_CUDA)
+
+
+def build_info() -> dict:
+    """What this build was compiled against, and what it runs on."""
+    return {
+        "fourbit": __version__,
+        "torch_built": _build_info.TORCH_VERSION,
+        "torch": torch.__version__,
+        "cuda_kernels": bool(_build_info.WITH_CUDA),
+        "cuda_archs": [f"sm_{a}" for a in _build_info.CUDA_ARCHS.split(";") if a],
+        "cuda_skipped_reason": _build_info.CUDA_SKIPPED_REASON,
+        "cpu_isa": _C.cpu_isa(),
+        "cpu_isas_supported": _C.supported_cpu_isas(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "cuda_kernels_built", "build_info", "__version__"]

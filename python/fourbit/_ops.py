@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fake (meta) implementations of fourbit's operators, for torch.compile, FakeTensor and torch.library.opcheck.
+
+The schemas are declared once in csrc/ops.cpp (which points torch here with set_python_module). A fake computes
+output shapes and dtypes only; it checks the same metadata rules as csrc/quant_checks.h with the same messages, so a
+bad call fails the same way eagerly and under torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
+    if not (32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize}")
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got '{quant_type}'")
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@torch.library.register_fake("fourbit::quantize_4bit")
+def _quantize_4bit_fake(A, blocksize, quant_type):
+    _check_quant_type(quant_type)
+    if A.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"A (the tensor to quantize) must be float32, float16 or bfloat16, got {A.dtype}")
+    _check_blocksize(blocksize)
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = A.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("fourbit::dequantize_4bit")
+def _dequantize_4bit_fake(
+    packed, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None, offset=None,
+    nested_blocksize=256,
+):  # fmt: skip
+    _check_quant_type(quant_type)
+    _check_blocksize(blocksize)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype (the output dtype) must be float32, float16 or bfloat16, got {dtype}")
+    n = math.prod(shape)
+    torch._check(
+        packed.numel() * packed.element_size() >= (n + 1) // 2,
+        lambda: f"packed holds {packed.numel() * packed.element_size()} bytes but shape {list(shape)} needs "
+        f"{(n + 1) // 2}",
+    )
+    torch._check(
+        absmax.dim() == 1 and absmax.numel() == _ceil_div(n, blocksize),
+        lambda: f"absmax must have {_ceil_div(n, blocksize)} values, got shape {tuple(absmax.shape)}",
+    )
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("fourbit::dequantize_4bit_into")
+def _dequantize_4bit_into_fake(
+    packed, absmax, blocksize, quant_type, shape, out, nested_absmax=None, nested_code=None, offset=None,
+    nested_blocksize=256,
+):  # fmt: skip
+    _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, out.dtype)
+    torch._check(out.numel() == math.prod(shape), lambda: f"out must have {math.prod(shape)} elements")
+
+
+@torch.library.register_fake("fourbit::double_quantize")
+def _double_quantize_fake(absmax, nested_blocksize=256):
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be float32, got {absmax.dtype}")
+    _check_blocksize(nested_blocksize, "nested_blocksize")
+    n = absmax.numel()
+    return (
+        absmax.new_empty((n,), dtype=torch.uint8),
+        absmax.new_empty((_ceil_div(n, nested_blocksize),)),
+        absmax.new_empty(()),
+    )
+
+
+@torch.library.register_fake("fourbit::dequantize_absmax")
+def _dequantize_absmax_fake(qabsmax, nested_absmax, nested_code, offset, nested_blocksize=256):
+    return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fourbit::quant_map")
+def _quant_map_fake(name):
+    if name not in ("nf4", "fp4", "dynamic"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got '{name}'")
+    return torch.empty((256 if name == "dynamic" else 16,), dtype=torch.float32)

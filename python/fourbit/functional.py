@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The functional API: blockwise 4-bit quantization compatible with bitsandbytes."""
+
+from __future__ import annotations
+
+import torch
+
+from .quant_state import QuantState, quant_map
+
+__all__ = ["quantize_4bit", "dequantize_4bit"]
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantizes ``A`` to 4 bits per element, blockwise, bitsandbytes' layout bit for bit.
+
+    Args:
+        A: float32, float16 or bfloat16 tensor of any shape (non-contiguous and empty tensors are fine).
+        blocksize: elements per absmax block, a power of two in [32, 4096].
+        quant_type: "nf4" (the default here; bitsandbytes defaults to "fp4") or "fp4".
+        compress_statistics: double quantization: absmax stored in 8 bits (blocks of 256) around its mean.
+        quant_storage: dtype of the returned packed tensor; the same bytes, viewed (padded with the code of 0 to a
+            whole number of elements).
+
+    Returns:
+        ``(packed, state)``: packed codes ``[(n + 1) // 2, 1]`` uint8 (or the ``quant_storage`` view), first element in
+        the high nibble; and the QuantState needed to dequantize.
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if not isinstance(quant_storage, torch.dtype):
+        raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+    packed, absmax = torch.ops.fourbit.quantize_4bit(A.detach(), blocksize, quant_type)
+    code = quant_map(quant_type, A.device)
+    if compress_statistics:
+        qabsmax, nested_absmax, offset = torch.ops.fourbit.double_quantize(absmax, NESTED_BLOCKSIZE)
+        state2 = QuantState(
+            absmax=nested_absmax,
+            code=quant_map("dynamic", A.device),
+            blocksize=NESTED_BLOCKSIZE,
+            dtype=torch.float32,
+            validate=False,
+        )
+        state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2, validate=False)
+    else:
+        state = QuantState(absmax, A.shape, code, blocksize, quant_type, A.dtype, validate=False)
+    if quant_storage != torch.uint8:
+        packed = _view_as_storage(packed, quant_storage, quant_type)
+    return packed, state
+
+
+def _view_as_storage(packed: torch.Tensor, storage: torch.dtype, quant_type: str) -> torch.Tensor:
+    itemsize = storage.itemsize
+    pad = -packed.numel() % itemsize
+    if pad:
+        zero_pair = 0x77 if quant_type == "nf4" else 0x00  # two codes of 0.0
+        packed = torch.cat([packed.reshape(-1), packed.new_full((pad,), zero_pair)])
+    return packed.reshape(-1).view(storage).reshape(-1, 1)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The tensor that ``packed`` and ``quant_state`` encode: shape ``quant_state.shape``, dtype ``out_dtype`` or
+    ``quant_state.dtype``. Each value is ``level[code] * absmax`` in float32, rounded once to the output dtype;
+    double-quantized scales are decoded inside the same kernel.
+
+    ``out``: a contiguous tensor with the same number of elements to write into (its dtype is the output dtype, and
+    it is returned). Reusing one buffer avoids allocating, which on the CPU costs more than the dequantization.
+    """
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
+    if out is not None:
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise ValueError(f"out_dtype {out_dtype} disagrees with out.dtype {out.dtype}")
+        torch.ops.fourbit.dequantize_4bit_into(
+            packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), out,
+            nested_absmax, nested_code, offset, nested_blocksize,
+        )  # fmt: skip
+        return out
+    return torch.ops.fourbit.dequantize_4bit(
+        packed,
+        absmax,
+        quant_state.blocksize,
+        quant_state.quant_type,
+        list(quant_state.shape),
+        out_dtype or quant_state.dtype,
+        nested_absmax,
+        nested_code,
+        offset,
+        nested_blocksize,
+    )
