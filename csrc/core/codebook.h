@@ -59,14 +59,16 @@ constexpr Codebook4 make_codebook4(QuantType qt) {
 // The bin of a scaled value: how many midpoints m satisfy !(x <= m). For ordinary values this is round-to-nearest
 // with a value exactly on a midpoint going to the lower level (torch.bucketize(right=False), as bitsandbytes' CPU
 // backend does). The negated comparison sends NaN to the top bin, which is also what bucketize does.
-FOURBIT_HD uint8_t encode_4bit(float scaled, const Codebook4& cb) {
+FOURBIT_HD int bin_4bit(float scaled, const float* midpoint) {
   int bin = 0;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) bin += !(scaled <= cb.midpoint[i]);
-  return cb.code_of_bin[bin];
+  for (int i = 0; i < 15; ++i) bin += !(scaled <= midpoint[i]);
+  return bin;
 }
+
+FOURBIT_HD uint8_t encode_4bit(float scaled, const Codebook4& cb) { return cb.code_of_bin[bin_4bit(scaled, cb.midpoint)]; }
 
 // Two codes per byte, the even (first) element in the high nibble, as bitsandbytes stores them.
 FOURBIT_HD uint8_t pack_nibbles(uint8_t first, uint8_t second) {

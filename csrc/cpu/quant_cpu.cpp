@@ -10,6 +10,10 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "core/blockwise.h"
 #include "core/dynamic_map.h"
 #include "cpu/isa.h"
@@ -35,6 +39,20 @@ ElemType elem_type(at::ScalarType t) {
 // About 16K elements per task: large enough to amortise the task, small enough to balance two threads on small
 // tensors.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
+
+// A fresh multi-megabyte output is mostly page faults: the kernel zeroes each 4 KiB page on first touch, which costs
+// more than dequantizing into it. Asking for transparent huge pages on the (2 MiB-aligned interior of the) buffer
+// before writing cuts the number of faults 512-fold. Advisory only: the memory stays torch's allocation.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last >= first + 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU here, got ", t.device());
@@ -100,6 +118,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                              nested_blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  advise_huge_pages(out);
   dequantize_4bit_into_cpu(packed, absmax, blocksize, quant_type, shape, out, nested_absmax, nested_code, offset,
                            nested_blocksize);
   return out;

@@ -1,0 +1,273 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kernel benchmarks, side by side with the installed peers, following the method of the product spec:
+
+* every contender runs interleaved with the others in the same process, after a warm-up, and the median of at least
+  11 runs is reported (these machines are noisy: ratios measured in one run are what count);
+* inputs rotate over enough copies that they total at least 4x the last-level cache (CPU: L3, GPU: L2), so the
+  figures measure memory, not cache;
+* on the CPU, 2 threads (``torch.set_num_threads(2)``) unless told otherwise.
+
+Each case reports the median time, the achieved GB/s (bytes read + written by the op), and the ratio to each peer.
+``python -m fourbit bench`` runs the suites; ``bench/`` holds scripts that call them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import fourbit
+
+__all__ = ["Case", "Result", "last_level_cache_bytes", "rotations", "run_cases", "format_table", "quant_cases"]
+
+
+@dataclass
+class Case:
+    """One benchmark: fourbit's call and the peers it is compared with.
+
+    Each callable takes the rotation index ``i`` and should use the i-th copy of its inputs.
+    ``bytes_moved``: bytes read + written by fourbit's op in one call (for GB/s).
+    ``target``: the spec's target, as (peer name, minimum peer_time / fourbit_time).
+    """
+
+    name: str
+    fourbit: Callable[[int], Any]
+    peers: dict[str, Callable[[int], Any]] = field(default_factory=dict)
+    bytes_moved: int = 0
+    target: tuple[str, float] | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    fourbit_ms: float
+    peer_ms: dict[str, float]
+    gbps: float
+    target: tuple[str, float] | None
+
+    def ratio(self, peer: str) -> float:
+        """How many times faster fourbit is than ``peer`` (peer time / fourbit time)."""
+        return self.peer_ms[peer] / self.fourbit_ms
+
+    def meets_target(self) -> bool | None:
+        if self.target is None:
+            return None
+        peer, minimum = self.target
+        return self.ratio(peer) >= minimum
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "fourbit_ms": self.fourbit_ms,
+            "peer_ms": self.peer_ms,
+            "ratios": {p: self.ratio(p) for p in self.peer_ms},
+            "gbps": self.gbps,
+            "target": list(self.target) if self.target else None,
+            "meets_target": self.meets_target(),
+        }
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    try:  # Linux: the largest cache level of CPU 0
+        sizes = []
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            text = (index / "size").read_text().strip()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        return max(sizes)
+    except (OSError, ValueError, KeyError):
+        return 32 << 20
+
+
+def rotations(bytes_per_copy: int, device: torch.device, minimum: int = 2) -> int:
+    """How many copies of an input of this size total at least 4x the last-level cache."""
+    return max(minimum, math.ceil(4 * last_level_cache_bytes(device) / max(1, bytes_per_copy)))
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    if device.type == "cuda":
+
+        def time_cuda(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return time_cuda
+
+    def time_cpu(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return time_cpu
+
+
+def run_cases(cases: list[Case], device: torch.device, repeats: int = 11, warmup: int = 2, progress=None) -> list[Result]:
+    """Times every case: fourbit and its peers interleaved, ``warmup`` untimed rounds, median of ``repeats``."""
+    timer = _timer(device)
+    results = []
+    for case in cases:
+        contenders = {"fourbit": case.fourbit, **case.peers}
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for r in range(warmup + repeats):
+            for name, fn in contenders.items():
+                t = timer(lambda: fn(r))
+                if r >= warmup:
+                    times[name].append(t)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        fourbit_ms = medians.pop("fourbit")
+        gbps = case.bytes_moved / (fourbit_ms * 1e-3) / 1e9 if case.bytes_moved else 0.0
+        results.append(Result(case.name, fourbit_ms, medians, gbps, case.target))
+        if progress is not None:
+            progress(results[-1])
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("case", "fourbit ms", "GB/s", "peer", "peer ms", "peer/fourbit", "target")]
+    for res in results:
+        peers = list(res.peer_ms) or ["-"]
+        for i, peer in enumerate(peers):
+            target = ""
+            if res.target and res.target[0] == peer:
+                verdict = "met" if res.meets_target() else "MISSED"
+                target = f">= {res.target[1]:g}x ({verdict})"
+            rows.append(
+                (
+                    res.name if i == 0 else "",
+                    f"{res.fourbit_ms:.3f}" if i == 0 else "",
+                    f"{res.gbps:.1f}" if i == 0 and res.gbps else "",
+                    peer,
+                    f"{res.peer_ms[peer]:.3f}" if peer in res.peer_ms else "",
+                    f"{res.ratio(peer):.2f}x" if peer in res.peer_ms else "",
+                    target,
+                )
+            )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _bitsandbytes():
+    """bitsandbytes' functional module, or None when it is not installed (quietly: it logs on import)."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        return None
+    return bnb_functional
+
+
+def quant_cases(device: torch.device, shape=(4096, 4096), quant_type: str = "nf4", blocksize: int = 64) -> list[Case]:
+    """quantize_4bit and dequantize_4bit (to fp32 and bf16) against bitsandbytes, and against the memory floor
+    (``fill_`` / ``copy_`` of a tensor of the output's size)."""
+    bnb = _bitsandbytes() if device.type == "cpu" else None
+    n = math.prod(shape)
+    copies = rotations(n * 4, device)
+    weights = [torch.randn(shape, device=device) for _ in range(copies)]
+    packed_bytes = (n + 1) // 2 + 4 * math.ceil(n / blocksize)
+    cases = []
+
+    quant_peers = {}
+    if bnb is not None:
+        quant_peers["bitsandbytes"] = lambda i: bnb.quantize_4bit(weights[i % copies], blocksize=blocksize, quant_type=quant_type)
+    cases.append(
+        Case(
+            f"quantize_4bit fp32 -> {quant_type} {shape[0]}x{shape[1]}",
+            lambda i: fourbit.quantize_4bit(weights[i % copies], blocksize, quant_type),
+            quant_peers,
+            bytes_moved=n * 4 + packed_bytes,
+            target=("bitsandbytes", 20.0) if bnb is not None else None,
+        )
+    )
+    q_copies = rotations(packed_bytes, device)
+    quantized = [fourbit.quantize_4bit(weights[i % copies], blocksize, quant_type) for i in range(q_copies)]
+    bnb_quantized = (
+        [bnb.quantize_4bit(weights[i % copies], blocksize=blocksize, quant_type=quant_type) for i in range(q_copies)]
+        if bnb is not None
+        else []
+    )
+    for out_dtype in (torch.float32, torch.bfloat16):
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[out_dtype]
+        size = n * out_dtype.itemsize
+        out_copies = rotations(size, device)
+        # zeros, not empty: the first write to fresh pages would otherwise be timed as page faults.
+        outs = [torch.zeros(shape, dtype=out_dtype, device=device) for _ in range(out_copies)]
+        peers = {}
+        if bnb is not None:
+            # bitsandbytes dequantizes to the state's dtype; give it states of the wanted dtype.
+            for packed, state in bnb_quantized:
+                state.dtype = out_dtype
+            peers["bitsandbytes"] = lambda i: bnb.dequantize_4bit(*bnb_quantized[i % q_copies])
+        peers["torch.empty+fill_"] = lambda i, dt=out_dtype: torch.empty(shape, dtype=dt, device=device).fill_(1.0)
+        cases.append(
+            Case(
+                f"dequantize_4bit {quant_type} -> {dname} (allocating)",
+                lambda i, dt=out_dtype: fourbit.dequantize_4bit(*quantized[i % q_copies], dt),
+                peers,
+                bytes_moved=packed_bytes + size,
+                target=("bitsandbytes", 5.0) if bnb is not None else None,
+            )
+        )
+        floor_name = "fill_" if device.type == "cpu" else "copy_"
+        src = torch.empty(shape, dtype=out_dtype, device=device)
+        floor = (
+            (lambda i, o=outs: o[i % out_copies].fill_(1.0))
+            if device.type == "cpu"
+            else (lambda i, o=outs, s=src: o[i % out_copies].copy_(s))
+        )
+        cases.append(
+            Case(
+                f"dequantize_4bit {quant_type} -> {dname} (into out=)",
+                lambda i, o=outs: fourbit.dequantize_4bit(*quantized[i % q_copies], out=o[i % out_copies]),
+                {floor_name: floor},
+                bytes_moved=packed_bytes + size,
+                # "within 1.5x of fill_": fill_time / fourbit_time >= 1 / 1.5
+                target=(floor_name, 1 / 1.5) if device.type == "cpu" and out_dtype == torch.float32 else None,
+            )
+        )
+    return cases
+
+
+def write_json(results: list[Result], path: str | Path, meta: dict[str, Any]) -> None:
+    payload = {"meta": meta, "results": [r.as_dict() for r in results]}
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def plot(results: list[Result], path: str | Path, title: str) -> None:
+    """A bar chart of peer time / fourbit time per case and peer (needs matplotlib: pip install fourbit[bench])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, ratios = [], []
+    for res in results:
+        for peer in res.peer_ms:
+            labels.append(f"{res.name}\nvs {peer}")
+            ratios.append(res.ratio(peer))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("peer time / fourbit time (higher is better for fourbit)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
