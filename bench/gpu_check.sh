@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One run on a GPU machine (an H200 with its own torch): build for sm_90 only, run every CUDA test and the GPU
+# benchmarks, print a short table last. Logs go under $OUT (the device tool brings that folder back).
+#   bash bench/gpu_check.sh
+# Prepared on the CPU machine; see bench/GPU_NOTES.md for what each run showed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fourbit-gpu-check}
+mkdir -p "$OUT"
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+
+log "machine: $(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null)"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+
+log "build (sm_90 only, against this machine's torch)"
+if ! FOURBIT_CUDA=ON FOURBIT_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"; log "BUILD FAILED"; exit 1
+fi
+python -m fourbit info | tee "$OUT/info.txt"
+
+log "CUDA tests (CPU vs CUDA byte equality, errors, opcheck)"
+python -m pytest tests/test_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.log" 2>&1
+tests_rc=$?
+tail -n 3 "$OUT/test_cuda.log"
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  log "compute-sanitizer memcheck on a small case"
+  compute-sanitizer --tool memcheck --error-exitcode 3 python -c "
+import torch, fourbit
+for n in (1, 63, 4097):
+    x = torch.randn(n, device='cuda')
+    for nested in (False, True):
+        p, s = fourbit.quantize_4bit(x, 64, compress_statistics=nested)
+        fourbit.dequantize_4bit(p, s, torch.bfloat16)
+torch.cuda.synchronize()
+print('memcheck workload done')" >"$OUT/sanitizer.log" 2>&1
+  echo "compute-sanitizer exit: $?" | tee -a "$OUT/sanitizer.log"
+  tail -n 2 "$OUT/sanitizer.log"
+fi
+
+log "benchmarks (device copy bandwidth first, then the kernels)"
+python - <<'PY' 2>&1 | tee "$OUT/ceilings.txt"
+import torch
+from fourbit import benchmark
+dev = torch.device("cuda")
+n = 1 << 28  # 1 GiB of fp32 per buffer, far above the L2
+src, dst = torch.empty(n, device=dev), torch.empty(n, device=dev)
+a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+cases = [
+    benchmark.Case("device copy_ 1 GiB", lambda i: dst.copy_(src), bytes_moved=2 * 4 * n),
+    benchmark.Case("bf16 matmul 8192^3", lambda i: a @ a),
+]
+res = benchmark.run_cases(cases, dev, repeats=11)
+print(f"copy bandwidth: {res[0].gbps:.0f} GB/s; bf16 matmul: {2 * 8192**3 / (res[1].fourbit_ms * 1e-3) / 1e12:.0f} TFLOP/s")
+PY
+python -m fourbit bench --device cuda --json "$OUT/bench_quant_cuda.json" >"$OUT/bench_quant_cuda.txt" 2>&1
+cat "$OUT/bench_quant_cuda.txt" | tail -n 8
+log "done (tests exit $tests_rc)"
+exit $tests_rc
