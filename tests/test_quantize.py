@@ -71,13 +71,17 @@ def test_bytes_equal_bitsandbytes(cpu_isa, dtype, quant_type, blocksize, shape):
     assert torch.equal(packed, bnb_packed)
     assert torch.equal(state.absmax, bnb_state.absmax)
     ours = fourbit.dequantize_4bit(packed, state)
-    assert_same_values(ours, bnbF.dequantize_4bit(bnb_packed, bnb_state).reshape(shape))
+    # bitsandbytes 0.50.2's native CPU dequantize indexes absmax per row: with a block longer than an (even) last
+    # dimension, e.g. shape (3, 5, 64) and blocksize 256, it returns wrong values. Its 1-D path is right, so compare
+    # against that.
+    bnb_state.shape = torch.Size([x.numel()])
+    assert_same_values(ours.reshape(-1), bnbF.dequantize_4bit(bnb_packed, bnb_state).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
-def test_nested_equals_bitsandbytes_to_rounding(dtype, quant_type, blocksize):
+def test_nested_agrees_with_bitsandbytes(dtype, quant_type, blocksize):
     x = torch.randn(300, 517).to(dtype)
     packed, state = fourbit.quantize_4bit(x, blocksize, quant_type, compress_statistics=True)
     bnb_packed, bnb_state = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
@@ -86,9 +90,18 @@ def test_nested_equals_bitsandbytes_to_rounding(dtype, quant_type, blocksize):
     assert torch.equal(state.state2.code, bnb_state.state2.code)
     # Offsets: float64 mean here, float32 mean there; equal up to float32 rounding.
     torch.testing.assert_close(state.offset, bnb_state.offset, rtol=1e-6, atol=0)
+    torch.testing.assert_close(state.state2.absmax, bnb_state.state2.absmax, rtol=1e-6, atol=0)
+    # The 8-bit codes of absmax: fourbit takes the nearest entry of the dynamic map (exactly the reference, tested
+    # above; bitsandbytes' torch backend does the same), while bitsandbytes' native CPU kernel is not an exact
+    # nearest search: in rare cases it picks the neighbouring entry. Allow that, and nothing more.
+    differ = (state.absmax != bnb_state.absmax).nonzero().flatten()
+    assert differ.numel() <= max(2, state.absmax.numel() // 200)
+    assert bool(((state.absmax[differ].int() - bnb_state.absmax[differ].int()).abs() == 1).all())
+    # Decoding: bitsandbytes decoding fourbit's state gives fourbit's values to rounding.
     ours = fourbit.dequantize_4bit(packed, state, torch.float32)
-    theirs = bnbF.dequantize_4bit(bnb_packed, bnb_state).float()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    bnb_state_of_ours = bnbF.QuantState.from_dict(state.as_dict(packed=True), device=torch.device("cpu"))
+    bnb_state_of_ours.dtype = torch.float32
+    torch.testing.assert_close(ours, bnbF.dequantize_4bit(packed, bnb_state_of_ours), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -66,14 +66,14 @@ def create_dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic map (7 exponent bits): 256 sorted float32 values.
 
     For each decade 10^(i-6), i = 0..6, the midpoints of 2^i + 1 float32-linspaced points in [0.1, 1] are scaled into
-    the decade (in float64) with both signs; then 0 and 1 are added.
+    the decade (a float32 multiply) with both signs; then 0 and 1 are added.
     """
     values = []
     for i in range(7):
         edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
-        mids = ((edges[:-1] + edges[1:]) / 2.0).tolist()
-        scale = 10.0 ** (i - 6)
-        values += [scale * m for m in mids] + [-scale * m for m in mids]
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (i - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
 
