@@ -20,7 +20,8 @@ def test_tests_run_against_the_installed_package():
     assert extension.exists() and Path(fourbit._build_info.__file__).exists()
     if os.environ.get("FOURBIT_TEST_INSTALLED") == "1":
         for path in (Path(fourbit.__file__).resolve(), extension):
-            assert REPO not in path.parents, f"fourbit imported from the source tree: {path}"
+            for source in (REPO / "python", REPO / "build"):
+                assert source not in path.parents, f"fourbit imported from the source tree: {path}"
 
 
 def test_cuda_kernels_compiled_when_ci_expects_them():
