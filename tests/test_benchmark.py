@@ -19,7 +19,7 @@ def test_rotations_cover_four_times_the_last_level_cache():
 
 
 def test_quant_suite_runs_and_reports_ratios(tmp_path):
-    cases = benchmark.quant_cases(torch.device("cpu"), shape=(128, 512))
+    cases = benchmark.quant_cases(torch.device("cpu"), shape=(128, 512), cache_bytes=1 << 20)
     names = [c.name for c in cases]
     assert names[0].startswith("quantize_4bit") and any("into out=" in n for n in names)
     results = benchmark.run_cases(cases, torch.device("cpu"), repeats=3, warmup=1)

@@ -87,9 +87,10 @@ def last_level_cache_bytes(device: torch.device) -> int:
         return 32 << 20
 
 
-def rotations(bytes_per_copy: int, device: torch.device, minimum: int = 2) -> int:
-    """How many copies of an input of this size total at least 4x the last-level cache."""
-    return max(minimum, math.ceil(4 * last_level_cache_bytes(device) / max(1, bytes_per_copy)))
+def rotations(bytes_per_copy: int, device: torch.device, cache_bytes: int | None = None, minimum: int = 2) -> int:
+    """How many copies of an input of this size total at least 4x the last-level cache (or ``cache_bytes``)."""
+    cache = last_level_cache_bytes(device) if cache_bytes is None else cache_bytes
+    return max(minimum, math.ceil(4 * cache / max(1, bytes_per_copy)))
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
@@ -172,12 +173,19 @@ def _bitsandbytes():
     return bnb_functional
 
 
-def quant_cases(device: torch.device, shape=(4096, 4096), quant_type: str = "nf4", blocksize: int = 64) -> list[Case]:
+def quant_cases(
+    device: torch.device,
+    shape=(4096, 4096),
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    cache_bytes: int | None = None,
+) -> list[Case]:
     """quantize_4bit and dequantize_4bit (to fp32 and bf16) against bitsandbytes, and against the memory floor
-    (``fill_`` / ``copy_`` of a tensor of the output's size)."""
+    (``fill_`` / ``copy_`` of a tensor of the output's size). ``cache_bytes`` overrides the detected last-level cache
+    size that sets how many input copies are rotated (smoke tests make it small)."""
     bnb = _bitsandbytes() if device.type == "cpu" else None
     n = math.prod(shape)
-    copies = rotations(n * 4, device)
+    copies = rotations(n * 4, device, cache_bytes)
     weights = [torch.randn(shape, device=device) for _ in range(copies)]
     packed_bytes = (n + 1) // 2 + 4 * math.ceil(n / blocksize)
     cases = []
@@ -194,7 +202,7 @@ def quant_cases(device: torch.device, shape=(4096, 4096), quant_type: str = "nf4
             target=("bitsandbytes", 20.0) if bnb is not None else None,
         )
     )
-    q_copies = rotations(packed_bytes, device)
+    q_copies = rotations(packed_bytes, device, cache_bytes)
     quantized = [fourbit.quantize_4bit(weights[i % copies], blocksize, quant_type) for i in range(q_copies)]
     bnb_quantized = (
         [bnb.quantize_4bit(weights[i % copies], blocksize=blocksize, quant_type=quant_type) for i in range(q_copies)]
@@ -204,7 +212,7 @@ def quant_cases(device: torch.device, shape=(4096, 4096), quant_type: str = "nf4
     for out_dtype in (torch.float32, torch.bfloat16):
         dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[out_dtype]
         size = n * out_dtype.itemsize
-        out_copies = rotations(size, device)
+        out_copies = rotations(size, device, cache_bytes)
         # zeros, not empty: the first write to fresh pages would otherwise be timed as page faults.
         outs = [torch.zeros(shape, dtype=out_dtype, device=device) for _ in range(out_copies)]
         peers = {}
