@@ -32,8 +32,10 @@ def test_cuda_kernels_compiled_when_ci_expects_them():
         assert "sm_80" in info["cuda_archs"] and "sm_90" in info["cuda_archs"], info["cuda_archs"]
         assert torch._C._dispatch_has_kernel_for_dispatch_key("fourbit::quantize_4bit", "CUDA")
     if info["cuda_kernels"]:
-        for op in ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_into", "double_quantize", "dequantize_absmax"):
+        for op in ("quantize_4bit", "dequantize_4bit_into", "double_quantize", "dequantize_absmax"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fourbit::{op}", "CUDA"), op
+    # dequantize_4bit allocates and calls dequantize_4bit_into, once for every backend.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fourbit::dequantize_4bit", "CompositeExplicitAutograd")
 
 
 def test_build_info_records_the_torch_it_was_built_against():

@@ -241,3 +241,22 @@ def test_dequantize_into_out(cpu_isa, dtype):
         fourbit.dequantize_4bit(packed, state, out=torch.empty(64, 100, dtype=dtype).t())
     with pytest.raises(ValueError, match="out_dtype"):
         fourbit.dequantize_4bit(packed, state, torch.float16, out=torch.empty(100, 64))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bytes_of_bitsandbytes_cuda_backend_decode_to_the_same_values(quant_type):
+    # Where bitsandbytes' CUDA backend writes other bytes than its CPU backend (and fourbit), the values agree:
+    # an all-zero block (CUDA: absmax 0 and code 0), FP4 zeros of either sign (CUDA: code 0 for +tiny, 8 for -tiny).
+    x = torch.zeros(128)
+    x[64:] = torch.randn(64)
+    x[70], x[71] = 1e-4 * x[64:].abs().max(), -1e-4 * x[64:].abs().max()
+    packed, state = fourbit.quantize_4bit(x, 64, quant_type)
+    ours = fourbit.dequantize_4bit(packed, state)
+    cuda_style = packed.clone()
+    cuda_style[:32] = 0x00  # zero block: absmax 0, every code 0 (-1.0 for NF4, +0 for FP4), times 0
+    if quant_type == "fp4":
+        first_nibble = cuda_style[35] & 0xF0
+        cuda_style[35] = 0x00 | 0x08  # +tiny -> code 0, -tiny -> code 8
+        assert first_nibble == 0x80 and packed[35] & 0x0F == 0x00  # fourbit: +tiny -> 8, -tiny -> 0
+    theirs = fourbit.dequantize_4bit(cuda_style, state)
+    assert torch.equal(ours, theirs)

@@ -10,10 +10,6 @@
 
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "core/blockwise.h"
 #include "core/dynamic_map.h"
 #include "cpu/isa.h"
@@ -39,20 +35,6 @@ ElemType elem_type(at::ScalarType t) {
 // About 16K elements per task: large enough to amortise the task, small enough to balance two threads on small
 // tensors.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
-
-// A fresh multi-megabyte output is mostly page faults: the kernel zeroes each 4 KiB page on first touch, which costs
-// more than dequantizing into it. Asking for transparent huge pages on the (2 MiB-aligned interior of the) buffer
-// before writing cuts the number of faults 512-fold. Advisory only: the memory stays torch's allocation.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = end & ~(kHuge - 1);
-  if (last >= first + 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU here, got ", t.device());
@@ -107,21 +89,6 @@ void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax
   const QuantKernels& kernels = select_kernels();
   at::parallel_for(0, plan.blocks, block_grain(blocksize),
                    [&](int64_t begin, int64_t end) { kernels.dequantize_4bit(args, begin, end); });
-}
-
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                               int64_t nested_blocksize) {
-  // Validate before allocating, so a bad shape is a ValueError rather than an allocation failure.
-  check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                             nested_blocksize);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  advise_huge_pages(out);
-  dequantize_4bit_into_cpu(packed, absmax, blocksize, quant_type, shape, out, nested_absmax, nested_code, offset,
-                           nested_blocksize);
-  return out;
 }
 
 // float64 mean over fixed chunks (see kMeanChunk), rounded to float32.
@@ -201,7 +168,6 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& ne
 
 TORCH_LIBRARY_IMPL(fourbit, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
-  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
   m.impl("dequantize_4bit_into", &dequantize_4bit_into_cpu);
   m.impl("double_quantize", &double_quantize_cpu);
   m.impl("dequantize_absmax", &dequantize_absmax_cpu);

@@ -278,19 +278,6 @@ void dequantize_4bit_into_cuda(const at::Tensor& packed, const at::Tensor& absma
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
-                                const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                                int64_t nested_blocksize) {
-  check_dequantize_4bit_args(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                             nested_blocksize);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  dequantize_4bit_into_cuda(packed, absmax, blocksize, quant_type, shape, out, nested_absmax, nested_code, offset,
-                            nested_blocksize);
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------------- double quant
 // The offset: float64 sums of fixed chunks, each by one thread in index order, then the chunk sums in order by one
 // thread -- the same additions in the same order as the CPU, so the same float32 offset.
@@ -397,7 +384,6 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& n
 
 TORCH_LIBRARY_IMPL(fourbit, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);
-  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
   m.impl("dequantize_4bit_into", &dequantize_4bit_into_cuda);
   m.impl("double_quantize", &double_quantize_cuda);
   m.impl("dequantize_absmax", &dequantize_absmax_cuda);
