@@ -95,6 +95,19 @@ TORCH_LIBRARY(fourbit, m) {
       "dequantize_absmax(Tensor qabsmax, Tensor nested_absmax, Tensor nested_code, Tensor offset, "
       "int nested_blocksize=256) -> Tensor");
 
+  // ---- 4-bit matmul (matmul.cpp) ----
+  // x [..., K] (float32/float16/bfloat16/float64) @ W.T + bias, with W [N, K] = `shape` given as dequantize_4bit's
+  // arguments. Returns [..., N] in x's dtype.
+  m.def(
+      "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256) -> Tensor");
+  // grad_y [..., N] @ W -> [..., K]: the input gradient of matmul_4bit, W dequantized tile by tile.
+  m.def(
+      "matmul_4bit_grad_x(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
+      "SymInt[] shape, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256) -> Tensor");
+
   // ---- codebooks ----
   m.def("quant_map(str name) -> Tensor");
 }

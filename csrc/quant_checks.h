@@ -11,6 +11,7 @@
 #include <optional>
 #include <string_view>
 
+#include "core/blockwise.h"
 #include "core/codebook.h"
 
 namespace fourbit {
@@ -114,6 +115,17 @@ inline Dequantize4bitPlan check_dequantize_4bit_args(const at::Tensor& packed, c
   }
   check_nested_absmax_args(absmax, nested_absmax, nested_code, offset, nested_blocksize, packed);
   return {n, blocks, true};
+}
+
+// The BlockScales view of checked scale tensors (see check_dequantize_4bit_args).
+inline BlockScales block_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                                int64_t nested_blocksize) {
+  if (!nested_absmax.has_value()) return {absmax.const_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, 0};
+  int shift = 0;
+  while ((int64_t{1} << shift) < nested_blocksize) ++shift;
+  return {nullptr, absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),
+          nested_code->const_data_ptr<float>(), offset->const_data_ptr<float>(), shift};
 }
 
 inline void check_dequantize_out(const at::Tensor& out, const at::Tensor& packed, int64_t n) {

@@ -83,3 +83,22 @@ def test_cuda_opcheck():
         torch.ops.fourbit.dequantize_4bit.default, (packed, absmax, 64, "nf4", [33, 65], torch.bfloat16, na, nc, off, nbs)
     )
     torch.library.opcheck(torch.ops.fourbit.double_quantize.default, (torch.rand(3000, device="cuda"), 256))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_cuda_matmul_matches_cpu(dtype, rows):
+    w = torch.randn(512, 1024) / 32
+    packed, state = fourbit.quantize_4bit(w, 64, compress_statistics=True)
+    x = torch.randn(rows, 1024).to(dtype)
+    bias = torch.randn(512).to(dtype)
+    expected = fourbit.matmul_4bit(x.double(), packed, state, bias.double())
+    gpu_state = fourbit.QuantState.from_dict(state.as_dict(packed=True), device="cuda")
+    xg = x.cuda().requires_grad_()
+    y = fourbit.matmul_4bit(xg, packed.cuda(), gpu_state, bias.cuda())
+    tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    y.sum().backward()
+    w_hat = fourbit.dequantize_4bit(packed, state).double()
+    expected_grad = torch.ones(rows, 512, dtype=torch.float64) @ w_hat
+    torch.testing.assert_close(xg.grad.double().cpu(), expected_grad, rtol=tol, atol=tol * expected_grad.abs().max().item())

@@ -34,6 +34,21 @@ FOURBIT_HD float nested_scale(float code_value, float nested_absmax, float offse
 #endif
 }
 
+// The scale of each block: plain float32 absmax, or decoded from double quantization (nested_blocksize is a power of
+// two, given as its log2). Raw pointers into the op's tensors, usable from CPU and CUDA kernels alike.
+struct BlockScales {
+  const float* absmax;  // plain scales, or null when double-quantized
+  const uint8_t* qabsmax;
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* offset;
+  int nested_shift;
+  FOURBIT_HD float operator()(int64_t block) const {
+    if (absmax != nullptr) return absmax[block];
+    return nested_scale(nested_code[qabsmax[block]], nested_absmax[block >> nested_shift], *offset);
+  }
+};
+
 // The double-quantization offset is the mean of absmax summed in float64 over fixed chunks of this many values
 // (each chunk in index order, then the chunk sums in order), so it is the same on any thread count and device.
 constexpr int64_t kMeanChunk = 4096;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "core/blockwise.h"
 #include "core/codebook.h"
 
 namespace fourbit::cpu {
@@ -24,18 +25,23 @@ struct Quantize4bitArgs {
 
 struct Dequantize4bitArgs {
   const uint8_t* packed;
-  const float* absmax;  // plain scales, or null when nested
-  // Double quantization: scale[b] = nested_scale(nested_code[qabsmax[b]], nested_absmax[b / nested_blocksize], offset)
-  const uint8_t* qabsmax;
-  const float* nested_absmax;
-  const float* nested_code;
-  float offset;
-  int64_t nested_blocksize;
+  BlockScales scales;
   int64_t n;
   int64_t blocksize;
   float lut[16];
   void* out;  // n elements of out_type
   ElemType out_type;
+};
+
+// y = x @ W.T for a small batch, W [N, K] 4-bit with plain float32 scales and K % blocksize == 0.
+struct Gemv4bitArgs {
+  const float* x;  // [M, K] float32, each 32-element group deinterleaved: its 16 even elements, then its 16 odd
+  int64_t M, N, K;
+  const uint8_t* packed;
+  BlockScales scales;  // [N * K / blocksize] blocks
+  int64_t blocksize;
+  float lut[16];
+  float* y;  // [M, N] float32
 };
 
 // Each function handles blocks [block_begin, block_end). Different ranges touch disjoint bytes, because blocks hold
@@ -44,6 +50,8 @@ struct QuantKernels {
   const char* isa;
   void (*quantize_4bit)(const Quantize4bitArgs&, int64_t block_begin, int64_t block_end);
   void (*dequantize_4bit)(const Dequantize4bitArgs&, int64_t block_begin, int64_t block_end);
+  // Output columns (rows of W) [n_begin, n_end).
+  void (*gemv_4bit)(const Gemv4bitArgs&, int64_t n_begin, int64_t n_end);
 };
 
 // One table per instruction set; the AVX ones exist only on x86-64 builds.

@@ -72,15 +72,7 @@ void dequantize_4bit_into_cpu(const at::Tensor& packed, const at::Tensor& absmax
   if (plan.n == 0) return;
   Dequantize4bitArgs args{};
   args.packed = static_cast<const uint8_t*>(packed.const_data_ptr());
-  if (plan.nested) {
-    args.qabsmax = absmax.const_data_ptr<uint8_t>();
-    args.nested_absmax = nested_absmax->const_data_ptr<float>();
-    args.nested_code = nested_code->const_data_ptr<float>();
-    args.offset = *offset->const_data_ptr<float>();
-    args.nested_blocksize = nested_blocksize;
-  } else {
-    args.absmax = absmax.const_data_ptr<float>();
-  }
+  args.scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   args.n = plan.n;
   args.blocksize = blocksize;
   for (int c = 0; c < 16; ++c) args.lut[c] = codebook(qt).value[c];
@@ -153,13 +145,10 @@ at::Tensor dequantize_absmax_cpu(const at::Tensor& qabsmax, const at::Tensor& ne
   check_cpu(qabsmax, "qabsmax");
   const int64_t n = qabsmax.numel();
   at::Tensor out = at::empty({n}, nested_absmax.options());
-  const uint8_t* q = qabsmax.const_data_ptr<uint8_t>();
-  const float* scales = nested_absmax.const_data_ptr<float>();
-  const float* code = nested_code.const_data_ptr<float>();
-  const float off = *offset.const_data_ptr<float>();
+  const BlockScales scales = block_scales(qabsmax, nested_absmax, nested_code, offset, nested_blocksize);
   float* o = out.mutable_data_ptr<float>();
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = nested_scale(code[q[i]], scales[i / nested_blocksize], off);
+    for (int64_t i = begin; i < end; ++i) o[i] = scales(i);
   });
   return out;
 }

@@ -363,9 +363,7 @@ template <ElemType E> void dequantize_blocks(const Dequantize4bitArgs& a, int64_
   T* output = static_cast<T*>(a.out);
   const Decoder decoder(a.lut);
   for (int64_t b = block_begin; b < block_end; ++b) {
-    const float scale = a.absmax != nullptr ? a.absmax[b]
-                                            : nested_scale(a.nested_code[a.qabsmax[b]],
-                                                           a.nested_absmax[b / a.nested_blocksize], a.offset);
+    const float scale = a.scales(b);
     const int64_t start = b * a.blocksize;
     const int64_t count = a.n - start < a.blocksize ? a.n - start : a.blocksize;
     const uint8_t* in = a.packed + start / 2;

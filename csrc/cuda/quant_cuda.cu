@@ -177,21 +177,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 // ---------------------------------------------------------------------------------------------------- dequantize
 constexpr int kDequantBytes = 16;  // packed bytes per thread = 32 elements
 
-struct Scales {
-  const float* absmax;  // plain scales, or null when nested
-  const uint8_t* qabsmax;
-  const float* nested_absmax;
-  const float* nested_code;
-  const float* offset;
-  int64_t nested_blocksize;
-  __device__ float operator()(int64_t block) const {
-    if (absmax != nullptr) return absmax[block];
-    return nested_scale(nested_code[qabsmax[block]], nested_absmax[block / nested_blocksize], *offset);
-  }
-};
-
 template <Elem E, bool kAligned>
-__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, Scales scales, int64_t n, int blocksize,
+__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, BlockScales scales, int64_t n, int blocksize,
                                        Codebook4 cb, typename ElemTraits<E>::storage* __restrict__ out) {
   using T = typename ElemTraits<E>::storage;
   __shared__ float lut[16];
@@ -251,16 +238,7 @@ void dequantize_4bit_into_cuda(const at::Tensor& packed, const at::Tensor& absma
   check_dequantize_out(out, packed, plan.n);
   if (plan.n == 0) return;
   const c10::cuda::CUDAGuard guard(packed.device());
-  Scales scales{};
-  if (plan.nested) {
-    scales.qabsmax = absmax.const_data_ptr<uint8_t>();
-    scales.nested_absmax = nested_absmax->const_data_ptr<float>();
-    scales.nested_code = nested_code->const_data_ptr<float>();
-    scales.offset = offset->const_data_ptr<float>();
-    scales.nested_blocksize = nested_blocksize;
-  } else {
-    scales.absmax = absmax.const_data_ptr<float>();
-  }
+  const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
   const int threads = 256;
   const int64_t grid = ceil_div(ceil_div(plan.n, 2 * kDequantBytes), threads);
   const uint8_t* in = static_cast<const uint8_t*>(packed.const_data_ptr());
@@ -353,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Te
   return {qabsmax, nested, offset};
 }
 
-__global__ void dequantize_absmax_kernel(int64_t n, Scales scales, float* __restrict__ out) {
+__global__ void dequantize_absmax_kernel(int64_t n, BlockScales scales, float* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = scales(i);
 }
@@ -368,12 +346,7 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& n
   const int64_t n = qabsmax.numel();
   at::Tensor out = at::empty({n}, nested_absmax.options());
   if (n == 0) return out;
-  const Scales scales{nullptr,
-                      qabsmax.const_data_ptr<uint8_t>(),
-                      nested_absmax.const_data_ptr<float>(),
-                      nested_code.const_data_ptr<float>(),
-                      offset.const_data_ptr<float>(),
-                      nested_blocksize};
+  const BlockScales scales = block_scales(qabsmax, nested_absmax, nested_code, offset, nested_blocksize);
   dequantize_absmax_kernel<<<ceil_div(n, 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
       n, scales, out.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -95,3 +95,57 @@ def _quant_map_fake(name):
     if name not in ("nf4", "fp4", "dynamic"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got '{name}'")
     return torch.empty((256 if name == "dynamic" else 16,), dtype=torch.float32)
+
+
+def _check_weight_shape(shape):
+    if len(shape) != 2:
+        raise ValueError(f"shape must be the weight's [out_features, in_features], got {list(shape)}")
+
+
+@torch.library.register_fake("fourbit::matmul_4bit")
+def _matmul_4bit_fake(
+    x, packed, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None, nested_code=None, offset=None,
+    nested_blocksize=256,
+):  # fmt: skip
+    _check_weight_shape(shape)
+    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("fourbit::matmul_4bit_grad_x")
+def _matmul_4bit_grad_x_fake(
+    grad_y, packed, absmax, blocksize, quant_type, shape, nested_absmax=None, nested_code=None, offset=None,
+    nested_blocksize=256,
+):  # fmt: skip
+    _check_weight_shape(shape)
+    torch._check(grad_y.shape[-1] == shape[0], lambda: f"grad_y must end in out_features = {shape[0]}")
+    return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
+
+
+# ---- autograd of matmul_4bit: gradients to x and bias; the 4-bit weight is frozen (no gradient). The backward
+# dequantizes W again, tile by tile, instead of saving a dequantized copy from the forward.
+def _matmul_4bit_setup_context(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, offset, nested_blocksize = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    ctx.weight_args = (blocksize, quant_type, shape, nested_blocksize)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _matmul_4bit_backward(ctx, grad):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, quant_type, shape, nested_blocksize = ctx.weight_args
+    # torch drops trailing arguments left at their defaults, so needs_input_grad may be shorter than the schema.
+    needs = ctx.needs_input_grad
+    grad_x = grad_bias = None
+    if needs[0]:
+        grad_x = torch.ops.fourbit.matmul_4bit_grad_x(
+            grad, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
+        )
+    if len(needs) > 6 and needs[6]:
+        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+    return (grad_x, None, None, None, None, None, grad_bias, None, None, None, None)[: len(needs)]
+
+
+torch.library.register_autograd(
+    "fourbit::matmul_4bit", _matmul_4bit_backward, setup_context=_matmul_4bit_setup_context
+)

@@ -7,7 +7,7 @@ import torch
 
 from .quant_state import QuantState, quant_map
 
-__all__ = ["quantize_4bit", "dequantize_4bit"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit"]
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
 
@@ -103,3 +103,23 @@ def dequantize_4bit(
         offset,
         nested_blocksize,
     )
+
+
+def matmul_4bit(
+    x: torch.Tensor, packed: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` where W ``[out_features, in_features]`` is the 4-bit weight (``quant_state.shape``).
+
+    x: ``[..., in_features]``, float32 / float16 / bfloat16 (float64 for gradient checks); the result has x's dtype.
+    Differentiable in x and bias (the weight is frozen). No full dequantized copy of W is ever kept: small CPU batches
+    decode the nibbles in registers, larger ones dequantize a cache-sized tile of rows at a time.
+    """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D weight, got quant_state.shape {tuple(quant_state.shape)}")
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
+    return torch.ops.fourbit.matmul_4bit(
+        x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), bias,
+        nested_absmax, nested_code, offset, nested_blocksize,
+    )  # fmt: skip

@@ -1,0 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0
+// The scalar instance of the CPU kernels (see quant_kernels.h and matmul_kernels.h; flags set in CMakeLists.txt).
+#define FOURBIT_ISA 0
+#define FOURBIT_ISA_NS isa_scalar
+#include "cpu/matmul_kernels.h"
+#include "cpu/quant_kernels.h"
+
+namespace fourbit::cpu {
+
+const QuantKernels& scalar_kernels() {
+  static const QuantKernels kernels{"scalar", &isa_scalar::quantize_4bit, &isa_scalar::dequantize_4bit,
+                                    &isa_scalar::gemv_4bit};
+  return kernels;
+}
+
+}  // namespace fourbit::cpu

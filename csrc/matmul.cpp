@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: Apache-2.0
+// matmul_4bit: y = x @ W.T + bias with W [N, K] stored in 4 bits, and its input gradient grad_x = grad_y @ W.
+// Registered once for every backend (CompositeExplicitAutograd; schemas in ops.cpp); the autograd formula is in
+// python/fourbit/_ops.py.
+//
+// Two paths, neither of which ever holds a full dequantized copy of W:
+//  * small batches on the CPU: the GEMV kernel (cpu/matmul_kernels.h) decodes nibbles in registers and reads the
+//    packed weight once;
+//  * everything else: W is dequantized a tile of rows at a time (at most a quarter of W, see tile_elements) into one
+//    buffer in the compute dtype, and each tile goes through the backend's GEMM (BLAS / cuBLAS), writing its slice of
+//    the output (forward) or accumulating into grad_x (backward).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "cpu/matmul_cpu.h"
+#include "quant_checks.h"
+
+namespace fourbit {
+namespace {
+
+// Largest batch (rows of x) that takes the CPU GEMV path; above it the tiled GEMM is faster. The GEMV computes in
+// float32, so its cost grows with the batch; with 16-bit activations the BLAS it competes with uses bf16 dot-product
+// instructions and catches up sooner (measured with 4096 x 4096 layers, 2 threads, AVX-512).
+int64_t cpu_gemv_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 8 : 2; }
+// Elements of W dequantized per tile: at most a quarter of W (the extra-memory budget) and at most 4M elements
+// (16 MiB in float32: larger tiles gain nothing), at least 256K (small tiles make inefficient GEMMs).
+int64_t tile_elements(int64_t weight_elements) {
+  return std::clamp<int64_t>(weight_elements / 4, int64_t{1} << 18, int64_t{1} << 22);
+}
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct Weight4bit {
+  const at::Tensor& packed;
+  const at::Tensor& absmax;
+  int64_t blocksize;
+  std::string_view quant_type;
+  const OptTensor& nested_absmax;
+  const OptTensor& nested_code;
+  const OptTensor& offset;
+  int64_t nested_blocksize;
+  int64_t N, K;
+
+  // float32 scales per block (double-quantized ones decoded once, for the tiles to slice).
+  at::Tensor plain_scales() const {
+    if (!nested_absmax.has_value()) return absmax;
+    static const auto dequantize_absmax =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fourbit::dequantize_absmax", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+    return dequantize_absmax.call(absmax, *nested_absmax, *nested_code, *offset, nested_blocksize);
+  }
+};
+
+Weight4bit check_weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                        std::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& nested_absmax,
+                        const OptTensor& nested_code, const OptTensor& offset, int64_t nested_blocksize) {
+  parse_quant_type(quant_type);
+  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
+  TORCH_CHECK_VALUE(sizes.size() == 2, "shape must be the weight's [out_features, in_features], got ", sizes);
+  check_dequantize_4bit_args(packed, absmax, blocksize, sizes, at::kFloat, nested_absmax, nested_code, offset,
+                             nested_blocksize);
+  return {packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize,
+          sizes[0], sizes[1]};
+}
+
+void check_activation(const at::Tensor& t, const char* name, int64_t features, const char* what,
+                      const at::Tensor& packed) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
+                   name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, name, " must end in ", what, " = ", features,
+                    ", got shape ", t.sizes());
+  check_same_device(t, name, packed, "packed");
+}
+
+// Calls fn(row0, rows, tile) for consecutive tiles of W's rows, dequantized in `dtype` (float64 via float32). Tile
+// starts stay block aligned, so each tile is a valid 4-bit tensor of its own.
+template <typename F>
+void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, F&& fn) {
+  static const auto dequantize_into =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fourbit::dequantize_4bit_into", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, int64_t, std::string_view, c10::SymIntArrayRef,
+                      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t)>();
+  const int64_t align = w.blocksize / std::gcd(w.K, w.blocksize);  // rows whose element count is a whole block
+  const int64_t tile_rows =
+      std::max<int64_t>(align, (tile_elements(w.N * w.K) / std::max<int64_t>(w.K, 1)) / align * align);
+  const at::ScalarType buffer_dtype = dtype == at::kDouble ? at::kFloat : dtype;
+  at::Tensor buffer = at::empty({std::min(tile_rows, w.N), w.K}, w.packed.options().dtype(buffer_dtype));
+  const at::Tensor bytes = w.packed.view(at::kByte).reshape(-1);
+  const at::Tensor scales = w.plain_scales();
+  for (int64_t row0 = 0; row0 < w.N; row0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, w.N - row0);
+    const int64_t first = row0 * w.K, count = rows * w.K;
+    const at::Tensor tile_bytes = bytes.narrow(0, first / 2, (count + 1) / 2);
+    const at::Tensor tile_scales = scales.narrow(0, first / w.blocksize, ceil_div(count, w.blocksize));
+    at::Tensor tile = buffer.narrow(0, 0, rows);
+    const std::vector<c10::SymInt> tile_shape = {c10::SymInt(rows), c10::SymInt(w.K)};
+    dequantize_into.call(tile_bytes, tile_scales, w.blocksize, w.quant_type, tile_shape, tile, std::nullopt,
+                         std::nullopt, std::nullopt, 256);
+    fn(row0, rows, dtype == at::kDouble ? tile.to(at::kDouble) : tile);
+  }
+}
+
+at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       std::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
+                       const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                       int64_t nested_blocksize) {
+  const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                                    offset, nested_blocksize);
+  check_activation(x, "x", w.K, "in_features", packed);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N, "bias must have shape [", w.N, "], got ",
+                      bias->sizes());
+    check_same_device(*bias, "bias", packed, "packed");
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.N;
+  const at::Tensor x2 = x.reshape({-1, w.K});
+  const int64_t M = x2.size(0);
+  at::Tensor y;
+  if (x.is_cpu() && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K % blocksize == 0 && x.scalar_type() != at::kDouble && M > 0) {
+    const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
+    y = cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), w.N, w.K).to(x.scalar_type());
+  } else {
+    y = at::empty({M, w.N}, x.options());
+    if (M > 0) {
+      const at::Tensor xc = x2.contiguous();
+      for_each_weight_tile(w, x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
+        at::Tensor out = y.narrow(1, row0, rows);
+        at::mm_out(out, xc, tile.t());
+      });
+    }
+  }
+  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
+  return y.view(out_shape);
+}
+
+at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                              int64_t blocksize, std::string_view quant_type, c10::SymIntArrayRef shape,
+                              const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                              int64_t nested_blocksize) {
+  const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                                    offset, nested_blocksize);
+  check_activation(grad_y, "grad_y", w.N, "out_features", packed);
+  std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
+  in_shape.back() = w.K;
+  const at::Tensor g = grad_y.reshape({-1, w.N}).contiguous();
+  at::Tensor grad_x = at::zeros({g.size(0), w.K}, grad_y.options());
+  if (g.size(0) > 0) {
+    for_each_weight_tile(w, grad_y.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
+      grad_x.addmm_(g.narrow(1, row0, rows), tile);
+    });
+  }
+  return grad_x.view(in_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fourbit, CompositeExplicitAutograd, m) {
+  m.impl("matmul_4bit", &matmul_4bit);
+  m.impl("matmul_4bit_grad_x", &matmul_4bit_grad_x);
+}
+
+}  // namespace fourbit

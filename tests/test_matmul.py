@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""matmul_4bit: x @ W.T + bias with a 4-bit W, against the reference, bitsandbytes and autograd in float64."""
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+import fourbit
+from fourbit import reference as ref
+from conftest import dtype_id
+
+# Tolerances relative to the output scale: the kernels sum in another order than the reference (and the GEMV path
+# computes 16-bit activations in float32).
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _weight(n, k, blocksize=64, quant_type="nf4", nested=False):
+    w = torch.randn(n, k) / k**0.5
+    packed, state = fourbit.quantize_4bit(w, blocksize, quant_type, compress_statistics=nested)
+    return packed, state
+
+
+def _reference(x, packed, state, bias=None):
+    """float64 x @ dequantized W.T + bias."""
+    w = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    y = x.double() @ w.t()
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("batch", [(1,), (2,), (5,), (16,), (2, 3), (70,)], ids=str)
+@pytest.mark.parametrize("nk, blocksize", [((96, 256), 64), ((33, 100), 32), ((128, 4096), 128)], ids=str)
+@pytest.mark.parametrize("nested", [False, True])
+def test_forward_matches_reference(cpu_isa, dtype, batch, nk, blocksize, nested):
+    n, k = nk
+    packed, state = _weight(n, k, blocksize, nested=nested)
+    x = torch.randn(*batch, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    y = fourbit.matmul_4bit(x, packed, state, bias)
+    assert y.shape == (*batch, n) and y.dtype == dtype
+    expected = _reference(x, packed, state, bias)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
+
+
+def test_gemv_and_tiled_paths_agree():
+    # Batch 1 takes the GEMV kernel, batch 64 the tiled GEMM; row 0 of both must agree.
+    packed, state = _weight(300, 512, 64, "fp4", nested=True)
+    x = torch.randn(64, 512)
+    y_tiled = fourbit.matmul_4bit(x, packed, state)
+    y_gemv = fourbit.matmul_4bit(x[:1], packed, state)
+    torch.testing.assert_close(y_gemv, y_tiled[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_identity_weight_is_exact():
+    # bitsandbytes' test_gemv_eye_4bit: the identity quantizes exactly (1 -> code 15 with absmax 1, 0 -> code 7).
+    k = 256
+    packed, state = fourbit.quantize_4bit(torch.eye(k), 64)
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, k) * 0.1
+        torch.testing.assert_close(fourbit.matmul_4bit(x, packed, state), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("rows", [1, 16])
+def test_close_to_bitsandbytes(dtype, rows):
+    w = torch.randn(256, 512) / 512**0.5
+    packed, state = fourbit.quantize_4bit(w.to(dtype), 64, "nf4", compress_statistics=True)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(rows, 512, dtype=dtype)
+    ours = fourbit.matmul_4bit(x, packed, state).float()
+    theirs = bnb.matmul_4bit(x, bnb_packed.t(), quant_state=bnb_state).float()
+    err = (ours - theirs).abs().mean() / theirs.abs().mean()
+    assert err < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_gradients_match_autograd_in_float64(rows, nested):
+    packed, state = _weight(24, 96, 32, nested=nested)
+    x = torch.randn(rows, 96, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fourbit.matmul_4bit(a, packed, state, b), (x, bias))
+    # and against autograd through the reference
+    w = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    grad = torch.randn(rows, 24, dtype=torch.float64)
+    (ours_x, ours_b) = torch.autograd.grad(fourbit.matmul_4bit(x, packed, state, bias), (x, bias), grad)
+    (ref_x, ref_b) = torch.autograd.grad(torch.nn.functional.linear(x, w, bias), (x, bias), grad)
+    torch.testing.assert_close(ours_x, ref_x)
+    torch.testing.assert_close(ours_b, ref_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_backward_in_low_precision(dtype):
+    packed, state = _weight(200, 320, 64, nested=True)
+    x = torch.randn(3, 7, 320, dtype=dtype, requires_grad=True)
+    y = fourbit.matmul_4bit(x, packed, state)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    w = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    expected = grad.double() @ w
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(gx.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
+
+
+def test_bad_input_names_the_argument():
+    packed, state = _weight(32, 64)
+    with pytest.raises(ValueError, match="x must end in in_features = 64, got shape \\[3, 65\\]"):
+        fourbit.matmul_4bit(torch.randn(3, 65), packed, state)
+    with pytest.raises(ValueError, match="bias must have shape \\[32\\], got \\[33\\]"):
+        fourbit.matmul_4bit(torch.randn(3, 64), packed, state, torch.randn(33))
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64, got Int"):
+        fourbit.matmul_4bit(torch.ones(3, 64, dtype=torch.int32), packed, state)
+    _, state3d = fourbit.quantize_4bit(torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="needs a 2-D weight"):
+        fourbit.matmul_4bit(torch.randn(1, 8), packed, state3d)
+    with pytest.raises(ValueError, match="packed holds"):
+        fourbit.matmul_4bit(torch.randn(3, 64), packed[:10], state)
+
+
+def test_empty_batch():
+    packed, state = _weight(32, 64)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = fourbit.matmul_4bit(x, packed, state)
+    assert y.shape == (0, 32)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+
+
+def test_opcheck_and_compile():
+    packed, state = _weight(48, 128, 64, nested=True)
+    absmax, na, nc, off, nbs = state.op_args()
+    for rows in (1, 9):
+        x = torch.randn(rows, 128, requires_grad=True)
+        args = (x, packed, absmax, 64, "nf4", [48, 128], torch.randn(48), na, nc, off, nbs)
+        torch.library.opcheck(torch.ops.fourbit.matmul_4bit.default, args)
+    torch._dynamo.reset()
+    fn = lambda inp: fourbit.matmul_4bit(inp, packed, state).relu().sum()  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 128, requires_grad=True)
+    (g_eager,) = torch.autograd.grad(fn(x), x)
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    torch.testing.assert_close(g_compiled, g_eager)
