@@ -22,14 +22,17 @@
 namespace fourbit {
 namespace {
 
-// Largest batch (rows of x) that takes the CPU GEMV path; above it the tiled GEMM is faster. The GEMV computes in
-// float32, so its cost grows with the batch; with 16-bit activations the BLAS it competes with uses bf16 dot-product
-// instructions and catches up sooner (measured with 4096 x 4096 layers, 2 threads, AVX-512).
+// Largest batch (rows of x) that takes the CPU GEMV kernel; above it the tiled GEMM is faster (measured with
+// 4096 x 4096 layers, 2 threads, AVX-512). The GEMV computes in float32, so its cost grows with the batch, and with
+// 16-bit activations it competes with BLAS running bf16 dot-product instructions, which catches up sooner.
 int64_t cpu_gemv_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 8 : 2; }
-// Elements of W dequantized per tile: at most a quarter of W (the extra-memory budget) and at most 4M elements
-// (16 MiB in float32: larger tiles gain nothing), at least 256K (small tiles make inefficient GEMMs).
-int64_t tile_elements(int64_t weight_elements) {
-  return std::clamp<int64_t>(weight_elements / 4, int64_t{1} << 18, int64_t{1} << 22);
+
+// Elements of W dequantized per tile: at most a quarter of W (the extra-memory budget). Few rows of activations
+// (a GEMM bound by reading the tile): a 256K-element tile that stays in L2 between its dequantization and its use.
+// Many rows (compute bound): up to 4M elements, so each GEMM is large enough to run at full speed.
+int64_t tile_elements(int64_t weight_elements, int64_t rows) {
+  const int64_t most = rows <= 64 ? int64_t{1} << 18 : int64_t{1} << 22;
+  return std::clamp<int64_t>(weight_elements / 4, int64_t{1} << 16, most);
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -81,7 +84,7 @@ void check_activation(const at::Tensor& t, const char* name, int64_t features, c
 // Calls fn(row0, rows, tile) for consecutive tiles of W's rows, dequantized in `dtype` (float64 via float32). Tile
 // starts stay block aligned, so each tile is a valid 4-bit tensor of its own.
 template <typename F>
-void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, F&& fn) {
+void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, int64_t rows_of_x, F&& fn) {
   static const auto dequantize_into =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fourbit::dequantize_4bit_into", "")
@@ -89,7 +92,7 @@ void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, F&& fn) {
                       const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t)>();
   const int64_t align = w.blocksize / std::gcd(w.K, w.blocksize);  // rows whose element count is a whole block
   const int64_t tile_rows =
-      std::max<int64_t>(align, (tile_elements(w.N * w.K) / std::max<int64_t>(w.K, 1)) / align * align);
+      std::max<int64_t>(align, (tile_elements(w.N * w.K, rows_of_x) / std::max<int64_t>(w.K, 1)) / align * align);
   const at::ScalarType buffer_dtype = dtype == at::kDouble ? at::kFloat : dtype;
   at::Tensor buffer = at::empty({std::min(tile_rows, w.N), w.K}, w.packed.options().dtype(buffer_dtype));
   const at::Tensor bytes = w.packed.view(at::kByte).reshape(-1);
@@ -124,14 +127,15 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   const at::Tensor x2 = x.reshape({-1, w.K});
   const int64_t M = x2.size(0);
   at::Tensor y;
-  if (x.is_cpu() && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K % blocksize == 0 && x.scalar_type() != at::kDouble && M > 0) {
+  if (x.is_cpu() && M > 0 && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K % blocksize == 0 &&
+      x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     y = cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), w.N, w.K).to(x.scalar_type());
   } else {
     y = at::empty({M, w.N}, x.options());
     if (M > 0) {
       const at::Tensor xc = x2.contiguous();
-      for_each_weight_tile(w, x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
+      for_each_weight_tile(w, x.scalar_type(), M, [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
         at::Tensor out = y.narrow(1, row0, rows);
         at::mm_out(out, xc, tile.t());
       });
@@ -153,7 +157,7 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   const at::Tensor g = grad_y.reshape({-1, w.N}).contiguous();
   at::Tensor grad_x = at::zeros({g.size(0), w.K}, grad_y.options());
   if (g.size(0) > 0) {
-    for_each_weight_tile(w, grad_y.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
+    for_each_weight_tile(w, grad_y.scalar_type(), g.size(0), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
       grad_x.addmm_(g.narrow(1, row0, rows), tile);
     });
   }

@@ -36,7 +36,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     repeats = 5 if args.quick else args.repeats
     print(f"fourbit bench on {device} ({torch.get_num_threads()} threads), {shape[0]}x{shape[1]} nf4 blocksize 64, "
           f"median of {repeats}, inputs rotated over >= 4x the last-level cache", flush=True)
-    cases = benchmark.quant_cases(device, shape=shape)
+    cases = []
+    if args.suite in ("quant", "all"):
+        cases += benchmark.quant_cases(device, shape=shape)
+    if args.suite in ("matmul", "all"):
+        cases += benchmark.matmul_cases(device, shape=shape, layers=4 if args.quick else 16,
+                                        batches=(1, 16) if args.quick else (1, 16, 512))  # fmt: skip
     results = benchmark.run_cases(cases, device, repeats=repeats, progress=lambda r: print(f"  done: {r.name}", flush=True))
     print(benchmark.format_table(results))
     meta = {"device": str(device), "threads": torch.get_num_threads(), "shape": shape, "repeats": repeats,
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the spec's method)")
     bench.add_argument("--repeats", type=int, default=11)
     bench.add_argument("--quick", action="store_true", help="a smaller shape and 5 repeats (a smoke run)")
+    bench.add_argument("--suite", choices=["quant", "matmul", "all"], default="all")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)

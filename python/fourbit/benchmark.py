@@ -279,3 +279,77 @@ def plot(results: list[Result], path: str | Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def matmul_cases(
+    device: torch.device,
+    shape=(4096, 4096),
+    layers: int = 16,
+    dtypes=(torch.float32, torch.bfloat16),
+    batches=(1, 16, 512),
+) -> list[Case]:
+    """matmul_4bit against the dense layer of the same dtype and bitsandbytes' matmul_4bit (NF4, blocksize 64,
+    double quantization). Batch 1: forward through a stack of ``layers`` layers, so that the weights exceed the
+    cache. Larger batches: forward + backward (gradient to x) of one layer."""
+    import torch.nn.functional as F
+
+    bnb_functional = _bitsandbytes() if device.type == "cpu" else None
+    n, k = shape
+    masters = [torch.randn(shape, device=device) / k**0.5 for _ in range(layers)]
+    ours = [fourbit.quantize_4bit(w, 64, "nf4", compress_statistics=True) for w in masters]
+    cases = []
+    for dtype in dtypes:
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        dense = [w.to(dtype) for w in masters]
+        peers_quant = []
+        if bnb_functional is not None:
+            import bitsandbytes as bnb
+
+            for w in masters:
+                packed, state = bnb_functional.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4",
+                                                             compress_statistics=True)  # fmt: skip
+                peers_quant.append((packed, state))
+        for batch in batches:
+            x = torch.randn(batch, k, device=device, dtype=dtype)
+            if batch == 1:
+                peers = {"dense": lambda i, x=x, d=dense: [F.linear(x, w) for w in d]}
+                if peers_quant:
+                    peers["bitsandbytes"] = lambda i, x=x: [bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s in peers_quant]
+                cases.append(
+                    Case(
+                        f"matmul_4bit {dname} batch 1, forward, {layers} layers {n}x{k}",
+                        lambda i, x=x: [fourbit.matmul_4bit(x, p, s) for p, s in ours],
+                        peers,
+                        bytes_moved=sum(p.numel() + s.absmax.numel() for p, s in ours),
+                        target=("dense", 1.5),
+                    )
+                )
+                continue
+            xg = x.clone().requires_grad_()
+            grad = torch.randn(batch, n, device=device, dtype=dtype)
+
+            def ours_fwd_bwd(i, xg=xg, grad=grad):
+                p, s = ours[i % layers]
+                torch.autograd.grad(fourbit.matmul_4bit(xg, p, s), xg, grad)
+
+            def dense_fwd_bwd(i, xg=xg, grad=grad, d=dense):
+                torch.autograd.grad(F.linear(xg, d[i % layers]), xg, grad)
+
+            peers = {"dense": dense_fwd_bwd}
+            if peers_quant:
+
+                def bnb_fwd_bwd(i, xg=xg, grad=grad):
+                    p, s = peers_quant[i % layers]
+                    torch.autograd.grad(bnb.matmul_4bit(xg, p.t(), quant_state=s), xg, grad)
+
+                peers["bitsandbytes"] = bnb_fwd_bwd
+            cases.append(
+                Case(
+                    f"matmul_4bit {dname} batch {batch}, forward+backward {n}x{k}",
+                    ours_fwd_bwd,
+                    peers,
+                    bytes_moved=0,
+                    target=("dense", 1.0 if batch <= 16 else 1 / 1.15),
+                )
+            )
+    return cases
