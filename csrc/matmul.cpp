@@ -164,9 +164,50 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   return grad_x.view(in_shape);
 }
 
+void check_adapters(const at::Tensor& lora_A, const at::Tensor& lora_B, const Weight4bit& w) {
+  TORCH_CHECK_TYPE(at::isFloatingType(lora_A.scalar_type()), "lora_A must be a float tensor, got ",
+                   lora_A.scalar_type());
+  TORCH_CHECK_TYPE(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B must have lora_A's dtype ",
+                   lora_A.scalar_type(), ", got ", lora_B.scalar_type());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == w.K, "lora_A must have shape [r, in_features = ", w.K,
+                    "], got ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == w.N && lora_B.size(1) == lora_A.size(0),
+                    "lora_B must have shape [out_features = ", w.N, ", r = ", lora_A.size(0), "], got ",
+                    lora_B.sizes());
+  check_same_device(lora_A, "lora_A", w.packed, "packed");
+  check_same_device(lora_B, "lora_B", w.packed, "packed");
+}
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       std::string_view quant_type, c10::SymIntArrayRef shape, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, double scaling, const OptTensor& bias, const OptTensor& lora_x,
+                       const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
+                       int64_t nested_blocksize) {
+  const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                                    offset, nested_blocksize);
+  check_adapters(lora_A, lora_B, w);
+  if (lora_x.has_value()) {
+    TORCH_CHECK_VALUE(lora_x->sizes() == x.sizes(), "lora_x must have x's shape ", x.sizes(), ", got ",
+                      lora_x->sizes());
+  }
+  at::Tensor y = matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
+                             offset, nested_blocksize);
+  // The LoRA branch in the adapters' dtype, accumulated into the 4-bit result: y += scaling * (x_lora @ A.T) @ B.T.
+  const at::Tensor lx = lora_x.value_or(x).reshape({-1, w.K}).to(lora_A.scalar_type());
+  const at::Tensor h = at::mm(lx, lora_A.t());
+  at::Tensor y2 = y.view({-1, w.N});
+  if (y.scalar_type() == lora_A.scalar_type()) {
+    y2.addmm_(h, lora_B.t(), 1.0, scaling);
+  } else {
+    y2.add_(at::mm(h, lora_B.t()).mul_(scaling).to(y.scalar_type()));
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fourbit, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear);
   m.impl("matmul_4bit", &matmul_4bit);
   m.impl("matmul_4bit_grad_x", &matmul_4bit_grad_x);
 }

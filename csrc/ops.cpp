@@ -108,6 +108,15 @@ TORCH_LIBRARY(fourbit, m) {
       "SymInt[] shape, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
       "int nested_blocksize=256) -> Tensor");
 
+  // ---- QLoRA linear (matmul.cpp) ----
+  // y = x @ W.T + scaling * (lora_x @ lora_A.T) @ lora_B.T + bias, lora_x defaulting to x (pass dropout(x) for LoRA
+  // dropout). lora_A [r, K], lora_B [N, r] in one float dtype; the LoRA branch computes in the adapters' dtype (the
+  // input cast to it, as PEFT does) and is added to the 4-bit result in x's dtype.
+  m.def(
+      "lora_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias=None, Tensor? lora_x=None, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+
   // ---- codebooks ----
   m.def("quant_map(str name) -> Tensor");
 }

@@ -24,7 +24,7 @@ _check_torch_version()
 
 from . import _C  # noqa: E402  (registers the torch.ops.fourbit operators)
 from . import _ops  # noqa: E402,F401  (their fake implementations)
-from .functional import dequantize_4bit, matmul_4bit, quantize_4bit  # noqa: E402
+from .functional import dequantize_4bit, lora_linear, matmul_4bit, quantize_4bit  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 
 __version__ = "0.1.0"
@@ -50,4 +50,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "cuda_kernels_built", "build_info", "__version__"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "cuda_kernels_built", "build_info", "__version__"]

@@ -125,9 +125,11 @@ def _matmul_4bit_grad_x_fake(
 # ---- autograd of matmul_4bit: gradients to x and bias; the 4-bit weight is frozen (no gradient). The backward
 # dequantizes W again, tile by tile, instead of saving a dequantized copy from the forward.
 def _matmul_4bit_setup_context(ctx, inputs, output):
-    x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, offset, nested_blocksize = inputs
+    # Direct op calls may leave the trailing defaulted arguments out.
+    (x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, offset,
+     nested_blocksize) = inputs + (None,) * (11 - len(inputs))  # fmt: skip
     ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
-    ctx.weight_args = (blocksize, quant_type, shape, nested_blocksize)
+    ctx.weight_args = (blocksize, quant_type, shape, 256 if nested_blocksize is None else nested_blocksize)
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
@@ -149,3 +151,69 @@ def _matmul_4bit_backward(ctx, grad):
 torch.library.register_autograd(
     "fourbit::matmul_4bit", _matmul_4bit_backward, setup_context=_matmul_4bit_setup_context
 )
+
+
+@torch.library.register_fake("fourbit::lora_linear")
+def _lora_linear_fake(
+    x, packed, absmax, blocksize, quant_type, shape, lora_A, lora_B, scaling, bias=None, lora_x=None,
+    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256,
+):  # fmt: skip
+    _check_weight_shape(shape)
+    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
+    torch._check(
+        lora_A.dim() == 2 and lora_A.shape[1] == shape[1],
+        lambda: f"lora_A must have shape [r, in_features = {shape[1]}], got {list(lora_A.shape)}",
+    )
+    torch._check(
+        lora_B.dim() == 2 and lora_B.shape[0] == shape[0] and lora_B.shape[1] == lora_A.shape[0],
+        lambda: f"lora_B must have shape [out_features = {shape[0]}, r = {lora_A.shape[0]}], got {list(lora_B.shape)}",
+    )
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+# ---- autograd of lora_linear: gradients to x (through the 4-bit weight and the adapters), lora_A, lora_B, bias and
+# lora_x. Saved: the adapters and the LoRA input (h = lora_x @ A.T, r columns, is recomputed) -- never a dequantized
+# W. setup_context only saves references: it runs no ops on the inputs.
+def _lora_linear_setup_context(ctx, inputs, output):
+    (x, packed, absmax, blocksize, quant_type, shape, lora_A, lora_B, scaling, bias, lora_x, nested_absmax,
+     nested_code, offset, nested_blocksize) = inputs + (None,) * (15 - len(inputs))  # fmt: skip
+    lora_input = x if lora_x is None else lora_x
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, lora_input)
+    ctx.weight_args = (blocksize, quant_type, shape, 256 if nested_blocksize is None else nested_blocksize)
+    ctx.scaling = scaling
+    ctx.separate_lora_x = lora_x is not None
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_linear_backward(ctx, grad):
+    packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, lora_input = ctx.saved_tensors
+    blocksize, quant_type, shape, nested_blocksize = ctx.weight_args
+    lx = lora_input.reshape(-1, shape[1]).to(lora_A.dtype)
+    needs = ctx.needs_input_grad
+    need = lambda i: len(needs) > i and needs[i]  # noqa: E731  (trailing defaulted inputs are dropped)
+    n_out, k_in = shape
+    g = grad.reshape(-1, n_out)
+    ga = g.to(lora_A.dtype)
+    grad_h = (ga @ lora_B) * ctx.scaling  # [M, r]
+    grad_x = grad_A = grad_B = grad_bias = grad_lora_x = None
+    if need(6):
+        grad_A = grad_h.t() @ lx
+    if need(7):
+        grad_B = (ga.t() @ (lx @ lora_A.t())) * ctx.scaling
+    grad_lx = (grad_h @ lora_A) if (need(0) and not ctx.separate_lora_x) or need(10) else None
+    if need(0):
+        grad_x = torch.ops.fourbit.matmul_4bit_grad_x(
+            grad, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
+        )
+        if not ctx.separate_lora_x:
+            grad_x = grad_x + grad_lx.reshape(ctx.x_shape).to(grad_x.dtype)
+    if need(10):
+        grad_lora_x = grad_lx.reshape(ctx.x_shape).to(ctx.x_dtype)
+    if need(9):
+        grad_bias = g.sum(0).to(ctx.bias_dtype)
+    grads = (grad_x, None, None, None, None, None, grad_A, grad_B, None, grad_bias, grad_lora_x, None, None, None, None)
+    return grads[: len(needs)]
+
+
+torch.library.register_autograd("fourbit::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context)

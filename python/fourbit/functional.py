@@ -7,7 +7,7 @@ import torch
 
 from .quant_state import QuantState, quant_map
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear"]
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
 
@@ -122,4 +122,33 @@ def matmul_4bit(
     return torch.ops.fourbit.matmul_4bit(
         x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), bias,
         nested_absmax, nested_code, offset, nested_blocksize,
+    )  # fmt: skip
+
+
+def lora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    lora_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The QLoRA forward in one op: ``x @ W.T + scaling * (lora_x @ lora_A.T) @ lora_B.T + bias``.
+
+    W is the 4-bit weight ``[out_features, in_features]``; ``lora_A`` ``[r, in_features]`` and ``lora_B``
+    ``[out_features, r]`` share one float dtype (float32 adapters with 16-bit x work: the LoRA input is cast to the
+    adapters' dtype and the LoRA term back to x's, as PEFT does). ``lora_x`` defaults to ``x``; pass ``dropout(x)``
+    for LoRA dropout. Differentiable in x, lora_A, lora_B, bias and lora_x; the backward re-dequantizes W tile by tile
+    and never keeps a full dequantized copy.
+    """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"lora_linear needs a 2-D weight, got quant_state.shape {tuple(quant_state.shape)}")
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
+    return torch.ops.fourbit.lora_linear(
+        x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), lora_A, lora_B,
+        float(scaling), bias, lora_x, nested_absmax, nested_code, offset, nested_blocksize,
     )  # fmt: skip
