@@ -26,6 +26,7 @@ from . import _C  # noqa: E402  (registers the torch.ops.fourbit operators)
 from . import _ops  # noqa: E402,F401  (their fake implementations)
 from .functional import dequantize_4bit, lora_linear, matmul_4bit, quantize_4bit  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
+from . import nn  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,6 @@
+# SPDX-License-Identifier: Apache-2.0
+"""fourbit's modules."""
+
+from .linear4bit import Linear4bit
+
+__all__ = ["Linear4bit"]

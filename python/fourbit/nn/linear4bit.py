@@ -1,0 +1,211 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Linear4bit: an ``nn.Linear`` whose weight is stored in 4 bits (NF4/FP4), bitsandbytes-compatible on disk."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..functional import matmul_4bit, quantize_4bit
+from ..quant_state import QuantState, quant_map
+
+__all__ = ["Linear4bit"]
+
+# Registered tensors holding the quantization, next to the packed `weight` parameter. Their values must never be
+# cast by .to(dtype) / .half() / autocast; only moved between devices.
+_SCALE_BUFFERS = ("weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map", "weight_offset")
+
+
+class Linear4bit(nn.Module):
+    """``y = x @ W.T + bias`` with W stored blockwise in 4 bits.
+
+    Registered tensors (what FSDP2 shards and ``named_parameters`` / ``named_buffers`` show): ``weight`` (the packed
+    codes, a Parameter with ``requires_grad=False``, ``[(out * in + 1) // 2, 1]`` uint8 or the ``quant_storage`` view)
+    and the buffers ``weight_absmax``, ``weight_quant_map`` and, with double quantization, ``weight_nested_absmax``,
+    ``weight_nested_quant_map`` and ``weight_offset``. ``forward`` reads them each call (no cached state), so a
+    wrapper may swap them.
+
+    ``state_dict()`` uses bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+    ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``) and
+    ``load_state_dict`` accepts what bitsandbytes' ``Linear4bit`` writes (validated before use).
+
+    ``compute_dtype``: the dtype the matmul runs in (None: the input's dtype); the output has the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        compress_statistics: bool = True,
+        quant_type: str = "nf4",
+        quant_storage: torch.dtype = torch.uint8,
+        blocksize: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features} and {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+        # Until load_state_dict or from_linear fills it: the quantization of a zero weight of the right shape.
+        zero = torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        self._store(*quantize_4bit(zero, blocksize, quant_type, compress_statistics, quant_storage))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    # ------------------------------------------------------------------ the quantized weight
+    def _store(self, packed: torch.Tensor, state: QuantState) -> None:
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {tuple(state.shape)} does not match this layer's "
+                f"({self.out_features}, {self.in_features})"
+            )
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_type = state.quant_type
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype  # the dtype the weight had before quantization
+        self.register_buffer("weight_absmax", state.absmax)
+        self.register_buffer("weight_quant_map", state.code)
+        nested = state.nested
+        self.register_buffer("weight_nested_absmax", state.state2.absmax if nested else None)
+        self.register_buffer("weight_nested_quant_map", state.state2.code if nested else None)
+        self.register_buffer("weight_offset", state.offset if nested else None)
+        self.nested_blocksize = state.state2.blocksize if nested else None
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The QuantState of the current tensors (built on each access, never cached)."""
+        state2 = None
+        if self.weight_nested_absmax is not None:
+            state2 = QuantState(
+                self.weight_nested_absmax, code=self.weight_nested_quant_map, blocksize=self.nested_blocksize,
+                dtype=torch.float32, validate=False,
+            )  # fmt: skip
+        return QuantState(
+            self.weight_absmax, (self.out_features, self.in_features), self.weight_quant_map, self.blocksize,
+            self.quant_type, self.weight_dtype, self.weight_offset, state2, validate=False,
+        )  # fmt: skip
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> Linear4bit:
+        """Quantizes ``linear``'s weight (on its device); the bias is kept as it is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.compute_dtype = compute_dtype
+        layer.quant_storage = quant_storage
+        layer._store(*quantize_4bit(weight, blocksize, quant_type, compress_statistics, quant_storage))
+        layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense tensor (``dtype`` or the dtype it had before quantization)."""
+        from ..functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight, self.quant_state, dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return matmul_4bit(x.to(dtype), self.weight, self.quant_state, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        nested = ", double quantized" if self.weight_nested_absmax is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{nested}, compute_dtype={self.compute_dtype}"
+        )
+
+    # ------------------------------------------------------------------ devices and dtypes
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .float() must move the quantization tensors but never change their dtype: hand them
+        # to `fn` as integer views of the same bits (which dtype casts skip), then view them back.
+        saved = {}
+        for name in ("weight", *_SCALE_BUFFERS):
+            t = getattr(self, name)
+            if t is not None and t.is_floating_point():
+                saved[name] = t.dtype
+                view = t.data.view(_int_type(t.dtype))
+                if name == "weight":
+                    self.weight = nn.Parameter(view, requires_grad=False)
+                else:
+                    self._buffers[name] = view
+        super()._apply(fn, recurse)
+        for name, dtype in saved.items():
+            t = getattr(self, name)
+            if name == "weight":
+                self.weight = nn.Parameter(t.data.view(dtype), requires_grad=False)
+            else:
+                self._buffers[name] = t.view(dtype)
+        return self
+
+    # ------------------------------------------------------------------ bitsandbytes-compatible state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        weight_key = prefix + "weight"
+        quant_keys = {k: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        if weight_key not in state_dict:
+            missing_keys.append(weight_key)
+        elif not quant_keys:
+            error_msgs.append(f"{weight_key}: no quantization state (keys {weight_key}.absmax, ...) in the state dict")
+        else:
+            try:
+                device = self.weight.device
+                state = QuantState.from_dict(
+                    {k[len(weight_key) + 1 :]: v for k, v in quant_keys.items()}, device=device
+                )
+                packed = state_dict[weight_key].to(device)
+                needed = (math.prod(state.shape) + 1) // 2
+                if packed.numel() * packed.element_size() < needed:
+                    raise ValueError(f"{weight_key} holds {packed.numel() * packed.element_size()} bytes, the "
+                                     f"quantization state needs {needed}")  # fmt: skip
+                self._store(packed, state)
+                self.quant_storage = packed.dtype
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"{weight_key}: {e}")
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict:
+                bias = state_dict[bias_key]
+                if bias.shape != self.bias.shape:
+                    error_msgs.append(f"{bias_key}: shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(bias)
+            else:
+                missing_keys.append(bias_key)
+        if strict:
+            known = {weight_key, bias_key, *quant_keys}
+            for key in state_dict:
+                if key.startswith(prefix) and key not in known and "." not in key[len(prefix) :]:
+                    unexpected_keys.append(key)
+
+
+def _int_type(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
