@@ -18,7 +18,7 @@ if ! FOURBIT_CUDA=ON FOURBIT_CUDA_ARCHS=90 pip install --no-build-isolation --no
 fi
 python -m fourbit info | tee "$OUT/info.txt"
 
-log "CUDA tests (CPU vs CUDA byte equality, errors, opcheck)"
+log "CUDA tests (CPU vs CUDA byte equality, matmul, errors, opcheck)"
 python -m pytest tests/test_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.log" 2>&1
 tests_rc=$?
 tail -n 3 "$OUT/test_cuda.log"
@@ -53,7 +53,24 @@ cases = [
 res = benchmark.run_cases(cases, dev, repeats=11)
 print(f"copy bandwidth: {res[0].gbps:.0f} GB/s; bf16 matmul: {2 * 8192**3 / (res[1].fourbit_ms * 1e-3) / 1e12:.0f} TFLOP/s")
 PY
-python -m fourbit bench --device cuda --json "$OUT/bench_quant_cuda.json" >"$OUT/bench_quant_cuda.txt" 2>&1
-cat "$OUT/bench_quant_cuda.txt" | tail -n 8
+python -m fourbit bench --device cuda --suite quant --json "$OUT/bench_quant_cuda.json" >"$OUT/bench_quant_cuda.txt" 2>&1
+log "matmul_4bit batch 1 on 4096 x 14336 bf16 against cuBLAS (the spec's target: >= 3.0x)"
+python - <<'PY' 2>&1 | tee "$OUT/bench_matmul_cuda.txt"
+import torch, fourbit
+from fourbit import benchmark
+dev = torch.device("cuda")
+n, k = 14336, 4096
+copies = benchmark.rotations(n * k // 2, dev)
+dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / 64 for _ in range(copies)]
+quant = [fourbit.quantize_4bit(w, 64, compress_statistics=True) for w in dense]
+x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+cases = [benchmark.Case("matmul_4bit bf16 batch 1 4096x14336",
+                        lambda i: fourbit.matmul_4bit(x, *quant[i % copies]),
+                        {"cuBLAS bf16": lambda i: torch.nn.functional.linear(x, dense[i % copies])},
+                        bytes_moved=n * k // 2, target=("cuBLAS bf16", 3.0))]
+cases += benchmark.matmul_cases(dev, shape=(4096, 4096), layers=16, dtypes=(torch.bfloat16,), batches=(1, 16, 4096))
+print(benchmark.format_table(benchmark.run_cases(cases, dev)))
+PY
+tail -n 8 "$OUT/bench_quant_cuda.txt"
 log "done (tests exit $tests_rc)"
 exit $tests_rc
