@@ -124,25 +124,25 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
+  // Allocated in its final shape and returned as is: an op's output must not be a view (autograd forbids in-place
+  // changes to views that custom functions return).
+  at::Tensor out = at::empty(out_shape, x.options());
   const at::Tensor x2 = x.reshape({-1, w.K});
   const int64_t M = x2.size(0);
-  at::Tensor y;
+  at::Tensor y = out.view({M, w.N});
   if (x.is_cpu() && M > 0 && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K % blocksize == 0 &&
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
-    y = cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), w.N, w.K).to(x.scalar_type());
-  } else {
-    y = at::empty({M, w.N}, x.options());
-    if (M > 0) {
-      const at::Tensor xc = x2.contiguous();
-      for_each_weight_tile(w, x.scalar_type(), M, [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-        at::Tensor out = y.narrow(1, row0, rows);
-        at::mm_out(out, xc, tile.t());
-      });
-    }
+    cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
+  } else if (M > 0) {
+    const at::Tensor xc = x2.contiguous();
+    for_each_weight_tile(w, x.scalar_type(), M, [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
+      at::Tensor part = y.narrow(1, row0, rows);
+      at::mm_out(part, xc, tile.t());
+    });
   }
   if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
-  return y.view(out_shape);
+  return out;
 }
 
 at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
@@ -155,13 +155,14 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
   in_shape.back() = w.K;
   const at::Tensor g = grad_y.reshape({-1, w.N}).contiguous();
-  at::Tensor grad_x = at::zeros({g.size(0), w.K}, grad_y.options());
+  at::Tensor out = at::zeros(in_shape, grad_y.options());
+  at::Tensor grad_x = out.view({g.size(0), w.K});
   if (g.size(0) > 0) {
     for_each_weight_tile(w, grad_y.scalar_type(), g.size(0), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
       grad_x.addmm_(g.narrow(1, row0, rows), tile);
     });
   }
-  return grad_x.view(in_shape);
+  return out;
 }
 
 void check_adapters(const at::Tensor& lora_A, const at::Tensor& lora_B, const Weight4bit& w) {

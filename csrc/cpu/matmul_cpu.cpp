@@ -9,13 +9,13 @@
 
 namespace fourbit::cpu {
 
-at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales& scales, int64_t blocksize,
-                     QuantType quant_type, int64_t N, int64_t K) {
-  const int64_t M = x.size(0);
+void gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales& scales, int64_t blocksize,
+               QuantType quant_type, const at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
   // Each 32-element group of x as its 16 even elements then its 16 odd ones: the order in which one 16-byte load of
   // codes decodes (see matmul_kernels.h).
   const at::Tensor xs = x.to(at::kFloat).reshape({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const at::Tensor out = y.scalar_type() == at::kFloat ? y : at::empty({M, N}, y.options().dtype(at::kFloat));
   Gemv4bitArgs args{};
   args.x = xs.const_data_ptr<float>();
   args.M = M;
@@ -26,12 +26,12 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockS
   args.blocksize = blocksize;
   const Codebook4 cb = make_codebook4(quant_type);
   for (int c = 0; c < 16; ++c) args.lut[c] = cb.value[c];
-  args.y = y.mutable_data_ptr<float>();
+  args.y = out.mutable_data_ptr<float>();
   const QuantKernels& kernels = select_kernels();
   // About 64 KiB of packed weight per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.gemv_4bit(args, begin, end); });
-  return y;
+  if (!out.is_same(y)) y.copy_(out);
 }
 
 }  // namespace fourbit::cpu

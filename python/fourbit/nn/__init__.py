@@ -2,5 +2,6 @@
 """fourbit's modules."""
 
 from .linear4bit import Linear4bit
+from .lora import LoRALinear
 
-__all__ = ["Linear4bit"]
+__all__ = ["Linear4bit", "LoRALinear"]
