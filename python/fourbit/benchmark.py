@@ -353,3 +353,94 @@ def matmul_cases(
                 )
             )
     return cases
+
+
+def lora_cases(
+    device: torch.device,
+    shape=(4096, 4096),
+    layers: int = 16,
+    rank: int = 16,
+    dtypes=(torch.float32, torch.bfloat16),
+    batches=(1, 16, 512),
+) -> list[Case]:
+    """The QLoRA layer (``LoRALinear`` over ``Linear4bit``, NF4 blocksize 64 with double quantization, rank 16)
+    against an unquantized LoRA layer of the same dtype (PEFT over ``nn.Linear`` when PEFT is installed) and PEFT's
+    LoRA over bitsandbytes' ``Linear4bit``. Batch 1: forward through ``layers`` layers (weights beyond the cache);
+    larger batches: forward + backward of one layer (gradients to x and the adapters)."""
+    from torch import nn
+
+    from .nn import Linear4bit, LoRALinear
+
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    bnb_functional = _bitsandbytes() if device.type == "cpu" else None
+    n, k = shape
+    torch.manual_seed(0)
+    masters = [nn.Linear(k, n, device=device) for _ in range(layers)]
+
+    def stack(dtype, kind):
+        """A stack of `layers` LoRA layers: "fourbit" (QLoRA), "dense" (LoRA over nn.Linear), "bnb" (PEFT QLoRA)."""
+        if kind == "fourbit":
+            mods = [LoRALinear(Linear4bit.from_linear(m, compute_dtype=dtype), r=rank, lora_alpha=rank,
+                               init_lora_weights=False) for m in masters]  # fmt: skip
+            return nn.Sequential(*mods).to(device)
+        if kind == "dense":
+            base = nn.Sequential(*[nn.Linear(k, n, device=device) for _ in range(layers)])
+            base.load_state_dict(nn.Sequential(*masters).state_dict())
+            base = base.to(dtype)
+        else:
+            import bitsandbytes as bnb
+
+            mods = []
+            for m in masters:
+                q = bnb.nn.Linear4bit(k, n, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64)  # fmt: skip
+                q.bias = nn.Parameter(m.bias.data.to(dtype))
+                mods.append(q.to(device))
+            base = nn.Sequential(*mods)
+        if peft is None:
+            return nn.Sequential(*[LoRALinear(m, r=rank, lora_alpha=rank, init_lora_weights=False) for m in base])
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=[str(i) for i in range(layers)],
+                                 init_lora_weights=False)  # fmt: skip
+        return peft.get_peft_model(base, config)
+
+    kinds = ["fourbit", "dense"] + (["bnb"] if bnb_functional is not None and peft is not None else [])
+    peer_names = {"dense": "unquantized LoRA", "bnb": "PEFT+bitsandbytes"}
+    cases = []
+    for dtype in dtypes:
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        models = {kind: stack(dtype, kind) for kind in kinds}
+        for batch in batches:
+            x = torch.randn(batch, k, device=device, dtype=dtype)
+            if batch == 1:
+
+                def forward_stack(i, model, x=x):
+                    with torch.no_grad():
+                        for layer in (model.base_model.model if hasattr(model, "base_model") else model):
+                            layer(x)
+
+                run = {kind: (lambda i, m=models[kind], f=forward_stack: f(i, m)) for kind in kinds}
+                cases.append(
+                    Case(f"QLoRA {dname} batch 1, forward, {layers} layers {n}x{k} r{rank}", run.pop("fourbit"),
+                         {peer_names[kind]: fn for kind, fn in run.items()}, target=("unquantized LoRA", 1.5))  # fmt: skip
+                )
+                continue
+            xg = x.clone().requires_grad_()
+
+            def forward_backward(i, model, xg=xg):
+                seq = model.base_model.model if hasattr(model, "base_model") else model
+                layer = seq[i % layers]
+                params = [p for p in layer.parameters() if p.requires_grad]
+                y = layer(xg)
+                torch.autograd.grad(y, [xg, *params], torch.ones_like(y))
+
+            run = {kind: (lambda i, m=models[kind], f=forward_backward: f(i, m)) for kind in kinds}
+            target = ("unquantized LoRA", 1.0 if batch <= 16 else 1 / 1.15)
+            cases.append(
+                Case(f"QLoRA {dname} batch {batch}, forward+backward {n}x{k} r{rank}", run.pop("fourbit"),
+                     {peer_names[kind]: fn for kind, fn in run.items()}, target=target)  # fmt: skip
+            )
+    return cases
