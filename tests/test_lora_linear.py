@@ -111,3 +111,39 @@ def test_opcheck_and_compile():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for a, b in zip(torch.autograd.grad(fn(x), (x, A, B)), torch.autograd.grad(compiled(x), (x, A, B))):
         torch.testing.assert_close(a, b)
+
+
+def test_multi_adapter_rows_equal_each_adapter_on_its_rows():
+    packed, state, _, _ = _setup(n=40, k=96, adapter_dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 8, 96, generator=g, dtype=torch.float64) / 10
+    B = torch.randn(3, 40, 8, generator=g, dtype=torch.float64) / 10
+    A[2, 4:] = 0  # a rank-4 adapter padded to rank 8
+    B[2, :, 4:] = 0
+    scaling = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    index = torch.tensor([1, -1, 0, 2, 1])
+    x = torch.randn(5, 7, 96, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64)
+    y = fourbit.lora_linear_multi(x, packed, state, A, B, scaling, index, bias)
+    for row, j in enumerate(index.tolist()):
+        if j < 0:
+            expected = fourbit.matmul_4bit(x[row], packed, state, bias)
+        else:
+            expected = fourbit.lora_linear(x[row], packed, state, A[j], B[j], float(scaling[j]), bias)
+        torch.testing.assert_close(y[row], expected)
+    A.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x_, a_: fourbit.lora_linear_multi(x_, packed, state, a_, B, scaling, index), (x[:, :2], A)
+    )
+
+
+def test_multi_adapter_bad_input():
+    packed, state, _, _ = _setup(n=40, k=96, adapter_dtype=torch.float32)
+    A, B, s = torch.zeros(2, 4, 96), torch.zeros(2, 40, 4), torch.ones(2)
+    x = torch.randn(3, 96)
+    with pytest.raises(ValueError, match="adapter_index must be an integer tensor of shape \\[3\\]"):
+        fourbit.lora_linear_multi(x, packed, state, A, B, s, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="lora_A must be \\[adapters, r, in_features\\]"):
+        fourbit.lora_linear_multi(x, packed, state, A, B[:, :, :3], s, torch.tensor([0, 1, -1]))
+    with pytest.raises(ValueError, match="scaling must have shape \\[2\\]"):
+        fourbit.lora_linear_multi(x, packed, state, A, B, torch.ones(3), torch.tensor([0, 1, -1]))

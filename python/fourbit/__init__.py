@@ -24,7 +24,7 @@ _check_torch_version()
 
 from . import _C  # noqa: E402  (registers the torch.ops.fourbit operators)
 from . import _ops  # noqa: E402,F401  (their fake implementations)
-from .functional import dequantize_4bit, lora_linear, matmul_4bit, quantize_4bit  # noqa: E402
+from .functional import dequantize_4bit, lora_linear, lora_linear_multi, matmul_4bit, quantize_4bit  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 from . import nn  # noqa: E402,F401
 
@@ -51,4 +51,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "cuda_kernels_built", "build_info", "__version__"]
+__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi", "cuda_kernels_built", "build_info", "__version__"]

@@ -7,7 +7,7 @@ import torch
 
 from .quant_state import QuantState, quant_map
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi"]
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
 
@@ -152,3 +152,48 @@ def lora_linear(
         x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), lora_A, lora_B,
         float(scaling), bias, lora_x, nested_absmax, nested_code, offset, nested_blocksize,
     )  # fmt: skip
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Serving several adapters on one 4-bit base in one pass over W (Punica / S-LoRA style).
+
+    Row ``i`` of the batch (``x[i]``, all its tokens) gets ``scaling[j] * (x[i] @ lora_A[j].T) @ lora_B[j].T`` for
+    ``j = adapter_index[i]``, or no adapter when ``j == -1``; the base ``x @ W.T + bias`` is computed once for all rows.
+
+    Args:
+        x: ``[batch, ..., in_features]``.
+        lora_A: ``[adapters, r, in_features]``; lora_B: ``[adapters, out_features, r]`` (adapters of lower rank padded
+            with zeros, which changes nothing); scaling: ``[adapters]``.
+        adapter_index: integer ``[batch]`` with values in ``[-1, adapters)``.
+    """
+    if lora_A.dim() != 3 or lora_B.dim() != 3 or lora_A.shape[0] != lora_B.shape[0] or lora_A.shape[1] != lora_B.shape[2]:
+        raise ValueError(
+            f"lora_A must be [adapters, r, in_features] and lora_B [adapters, out_features, r], got "
+            f"{list(lora_A.shape)} and {list(lora_B.shape)}"
+        )
+    adapters = lora_A.shape[0]
+    if scaling.shape != (adapters,):
+        raise ValueError(f"scaling must have shape [{adapters}], got {list(scaling.shape)}")
+    if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.shape != (x.shape[0],):
+        raise ValueError(
+            f"adapter_index must be an integer tensor of shape [{x.shape[0]}] (one adapter per batch row), got "
+            f"{adapter_index.dtype} {list(adapter_index.shape)}"
+        )
+    y = matmul_4bit(x, packed, quant_state, bias)
+    index = adapter_index.long()
+    valid = index >= 0
+    safe = index.clamp(min=0)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_A.dtype)  # [batch, tokens, in]
+    h = torch.bmm(rows, lora_A[safe].transpose(1, 2))  # [batch, tokens, r]
+    term = torch.bmm(h, lora_B[safe].transpose(1, 2))  # [batch, tokens, out]
+    term = term * (scaling.to(term.dtype)[safe] * valid.to(term.dtype)).view(-1, 1, 1)
+    return y + term.reshape(y.shape).to(y.dtype)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..functional import dequantize_4bit, lora_linear, quantize_4bit
+from ..functional import lora_linear, lora_linear_multi, quantize_4bit
 from .linear4bit import Linear4bit
 
 __all__ = ["LoRALinear"]
@@ -177,13 +177,40 @@ class LoRALinear(nn.Module):
         unknown = sorted({a for a in adapter_names if a != "__base__" and a not in self.lora_A})
         if unknown:
             raise ValueError(f"unknown adapters {unknown}; this layer has {list(self.lora_A)}")
-        result = self.base_layer(x)
+        base = self.base_layer
+        dropouts_off = all(not isinstance(self.lora_dropout[a], nn.Dropout) or not self.training
+                           for a in adapter_names if a != "__base__")  # fmt: skip
+        if isinstance(base, Linear4bit) and dropouts_off:
+            return self._multi_adapter_qlora(x, adapter_names)
+        result = base(x)
         for name in dict.fromkeys(adapter_names):
             if name == "__base__":
                 continue
             rows = [i for i, a in enumerate(adapter_names) if a == name]
             result[rows] = result[rows] + self._lora_term(x[rows], name).to(result.dtype)
         return result
+
+    def _multi_adapter_qlora(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """The per-row adapters in one pass over the 4-bit weight (fourbit.lora_linear_multi): the adapters used are
+        stacked, lower ranks padded with zeros."""
+        used = [a for a in dict.fromkeys(adapter_names) if a != "__base__"]
+        base = self.base_layer
+        dtype = base.compute_dtype or x.dtype
+        if not used:
+            return base(x)
+        rank = max(self.r[a] for a in used)
+        adapter_dtype = self.lora_A[used[0]].weight.dtype
+        A = x.new_zeros((len(used), rank, self.in_features), dtype=adapter_dtype)
+        B = x.new_zeros((len(used), self.out_features, rank), dtype=adapter_dtype)
+        for j, name in enumerate(used):
+            A[j, : self.r[name]] = self.lora_A[name].weight
+            B[j, :, : self.r[name]] = self.lora_B[name].weight
+        scaling = torch.tensor([self.scaling[a] for a in used], device=x.device)
+        position = {name: j for j, name in enumerate(used)}
+        index = torch.tensor([position.get(a, -1) for a in adapter_names], device=x.device)
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        y = lora_linear_multi(x.to(dtype), base.weight, base.quant_state, A, B, scaling, index, bias)
+        return y.to(x.dtype)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
