@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..functional import lora_linear, lora_linear_multi, quantize_4bit
+from ..functional import lora_linear, lora_linear_multi, matmul_4bit, quantize_4bit
 from .linear4bit import Linear4bit
 
 __all__ = ["LoRALinear"]
@@ -58,6 +58,7 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = _features(base_layer)
@@ -69,16 +70,20 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self._dora_norms: list[torch.Tensor | None] = []  # weight norms at each merge, for unmerge
         self.merged_adapters: list[str] = []
         self._merged_4bit: list[tuple] = []  # (packed weight, QuantState) before each merge into 4 bits
         self._disable_adapters = False
         self.active_adapters: list[str] = []
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ adapters
-    def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
-        """Adds (or replaces) the adapter ``adapter_name``."""
+    def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                     use_dora=False):  # fmt: skip
+        """Adds (or replaces) the adapter ``adapter_name``. With ``use_dora`` it is a DoRA adapter: a trainable
+        magnitude per output row, initialised to the row norms of ``W + scaling * B @ A``."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -98,6 +103,12 @@ class LoRALinear(nn.Module):
         elif init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(adapter_name)
+            self.lora_magnitude_vector[adapter_name] = _Magnitude(norm)
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Makes these adapters the active ones (several are summed); their parameters train, the others do not."""
@@ -108,6 +119,8 @@ class LoRALinear(nn.Module):
         for name in self.lora_A:
             self.lora_A[name].requires_grad_(name in names)
             self.lora_B[name].requires_grad_(name in names)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(name in names)
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -117,6 +130,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A)}")
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
             del table[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
@@ -146,12 +161,50 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if isinstance(self.base_layer, Linear4bit) and len(active) == 1:
+        if isinstance(self.base_layer, Linear4bit) and len(active) == 1 and active[0] not in self.lora_magnitude_vector:
             return self._qlora_forward(x, active[0])
         result = self.base_layer(x)
         for name in active:
-            result = result + self._lora_term(x, name).to(result.dtype)
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_term(x, name).to(result.dtype)
+            else:
+                result = result + self._lora_term(x, name).to(result.dtype)
         return result
+
+    def _dora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """DoRA (PEFT's formulation): y = base(x) + (mag - 1) * W x_d + mag * scaling * B A x_d, with
+        mag = magnitude / ||W + scaling * B @ A|| (the norm detached, per output row) and x_d the LoRA input."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        xa = dropout(x.to(A.weight.dtype))
+        with torch.no_grad():
+            norm = self._weight_norm(name)
+        mag = self.lora_magnitude_vector[name].weight / norm
+        base_out = self._base_without_bias(xa)
+        return (mag - 1) * base_out + mag * (B(A(xa)) * self.scaling[name])
+
+    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            dtype = base.compute_dtype or x.dtype
+            return matmul_4bit(x.to(dtype), base.weight, base.quant_state).to(x.dtype)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        return nn.functional.linear(x, weight.to(x.dtype))
+
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        """Row norms of W + scaling * B @ A (float32 [out_features]); a 4-bit W is dequantized tile by tile."""
+        delta = self.delta_weight(name)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        base = self.base_layer
+        if not isinstance(base, Linear4bit):
+            weight = base.weight.detach().float()
+            weight = weight.t() if self.fan_in_fan_out else weight
+            return (weight + delta.to(weight.device)).norm(dim=1)
+        norms = []
+        for row0, tile in _dequantized_row_tiles(base):
+            norms.append((tile + delta[row0 : row0 + tile.shape[0]].to(tile.device)).norm(dim=1))
+        return torch.cat(norms)
 
     def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -228,12 +281,23 @@ class LoRALinear(nn.Module):
             return
         base = self.base_layer
         for name in names:
+            delta = self.delta_weight(name)
+            norm = None
+            if name in self.lora_magnitude_vector:
+                # DoRA: W' = magnitude / ||W + dW|| * (W + dW), per output row.
+                norm = self._weight_norm(name).detach()
+                scale = (self.lora_magnitude_vector[name].weight.detach().float() / norm).unsqueeze(1)
+                dense = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else self._dense_weight()
+                merged_rows = scale * (dense + (delta.t() if self.fan_in_fan_out else delta).to(dense.device))
+                delta = (merged_rows - dense)
+                delta = delta.t() if self.fan_in_fan_out else delta
+            self._dora_norms.append(norm)
             if isinstance(base, Linear4bit):
                 warnings.warn(
                     "Merging LoRA into a 4-bit weight requantizes it: outputs change by the NF4/FP4 rounding. "
                     "merged_weight() gives the merged weight without that loss.", stacklevel=2,
                 )  # fmt: skip
-                merged = base.dequantize(torch.float32) + self.delta_weight(name).to(base.weight.device)
+                merged = base.dequantize(torch.float32) + delta.to(base.weight.device)
                 _check_finite(merged, name, safe_merge)
                 self._merged_4bit.append((base.weight.data, base.quant_state))
                 state = base.quant_state
@@ -242,7 +306,7 @@ class LoRALinear(nn.Module):
                 base._store(packed, new_state)
             else:
                 weight = base.weight
-                merged = weight.data.float() + self.delta_weight(name).to(weight.device)
+                merged = weight.data.float() + delta.to(weight.device)
                 _check_finite(merged, name, safe_merge)
                 weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
@@ -255,11 +319,23 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            norm = self._dora_norms.pop()
             if isinstance(base, Linear4bit):
                 base._store(*self._merged_4bit.pop())
-            else:
+            elif norm is None:
                 weight = base.weight
                 weight.data.copy_((weight.data.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            else:  # DoRA: W = W' / (magnitude / norm) - dW, with the norm from the merge
+                scale = (self.lora_magnitude_vector[name].weight.detach().float() / norm).unsqueeze(1)
+                delta = self.delta_weight(name)
+                dense = self._dense_weight() / scale - (delta.t() if self.fan_in_fan_out else delta)
+                weight = base.weight
+                weight.data.copy_((dense.t() if self.fan_in_fan_out else dense).to(weight.dtype))
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The (non-4-bit) base weight as float32 [out, in]."""
+        weight = self.base_layer.weight.detach().float()
+        return weight.t() if self.fan_in_fan_out else weight
 
     def merged_weight(self, dtype: torch.dtype = torch.bfloat16, adapter_names: list[str] | None = None):
         """The base weight with the adapters added, as a dense tensor ([out, in]), without requantizing."""
@@ -273,12 +349,48 @@ class LoRALinear(nn.Module):
             weight = weight.t() if self.fan_in_fan_out else weight
         for name in adapter_names or self.active_adapters:
             delta = self.delta_weight(name)
-            weight = weight + (delta.t() if self.fan_in_fan_out else delta).to(weight.device)
+            delta = (delta.t() if self.fan_in_fan_out else delta).to(weight.device)
+            if name in self.lora_magnitude_vector:
+                norm = (weight + delta).norm(dim=1, keepdim=True)
+                weight = self.lora_magnitude_vector[name].weight.detach().float().unsqueeze(1) / norm * (weight + delta)
+            else:
+                weight = weight + delta
         return weight.to(dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, scaling={self.scaling[a]:g})" for a in self.lora_A)
         return f"adapters: {adapters}; active: {self.active_adapters}; merged: {self.merged_adapters}"
+
+
+class _Magnitude(nn.Module):
+    """DoRA's magnitude vector, a module holding one ``weight`` as in PEFT (key ``lora_magnitude_vector.<name>.weight``)."""
+
+    def __init__(self, norm: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm.clone())
+
+
+def _dequantized_row_tiles(layer: Linear4bit, max_elements: int = 1 << 20):
+    """Yields (first_row, float32 tile) over a Linear4bit's weight, a tile of rows at a time (block aligned)."""
+    state = layer.quant_state
+    n, k = layer.out_features, layer.in_features
+    align = state.blocksize // math.gcd(k, state.blocksize)
+    rows = max(align, (max_elements // k) // align * align)
+    scales = state.absmax
+    if state.nested:
+        scales = torch.ops.fourbit.dequantize_absmax(state.absmax, state.state2.absmax, state.state2.code,
+                                                     state.offset, state.state2.blocksize)  # fmt: skip
+    data = layer.weight.reshape(-1).view(torch.uint8)
+    for row0 in range(0, n, rows):
+        count = min(rows, n - row0) * k
+        first = row0 * k
+        tile = torch.empty(count // k, k, device=data.device)
+        torch.ops.fourbit.dequantize_4bit_into(
+            data[first // 2 : first // 2 + (count + 1) // 2],
+            scales[first // state.blocksize : first // state.blocksize + -(-count // state.blocksize)],
+            state.blocksize, state.quant_type, [count // k, k], tile,
+        )  # fmt: skip
+        yield row0, tile
 
 
 def _check_finite(weight: torch.Tensor, name: str, safe_merge: bool) -> None:
