@@ -12,6 +12,17 @@ __all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lo
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
 
 
+def _check_quant_state(quant_state) -> None:
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
+
+
+def _check_weight_state(quant_state, op: str) -> None:
+    _check_quant_state(quant_state)
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"{op} needs a 2-D weight, got quant_state.shape {tuple(quant_state.shape)}")
+
+
 def quantize_4bit(
     A: torch.Tensor,
     blocksize: int = 64,
@@ -80,8 +91,7 @@ def dequantize_4bit(
     """
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
+    _check_quant_state(quant_state)
     absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
     if out is not None:
         if out_dtype is not None and out_dtype != out.dtype:
@@ -114,10 +124,7 @@ def matmul_4bit(
     Differentiable in x and bias (the weight is frozen). No full dequantized copy of W is ever kept: small CPU batches
     decode the nibbles in registers, larger ones dequantize a cache-sized tile of rows at a time.
     """
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
-    if len(quant_state.shape) != 2:
-        raise ValueError(f"matmul_4bit needs a 2-D weight, got quant_state.shape {tuple(quant_state.shape)}")
+    _check_weight_state(quant_state, "matmul_4bit")
     absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
     return torch.ops.fourbit.matmul_4bit(
         x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), bias,
@@ -143,10 +150,7 @@ def lora_linear(
     for LoRA dropout. Differentiable in x, lora_A, lora_B, bias and lora_x; the backward re-dequantizes W tile by tile
     and never keeps a full dequantized copy.
     """
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a fourbit.QuantState, got {type(quant_state).__name__}")
-    if len(quant_state.shape) != 2:
-        raise ValueError(f"lora_linear needs a 2-D weight, got quant_state.shape {tuple(quant_state.shape)}")
+    _check_weight_state(quant_state, "lora_linear")
     absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
     return torch.ops.fourbit.lora_linear(
         x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), lora_A, lora_B,
