@@ -158,9 +158,18 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   at::Tensor out = at::zeros(in_shape, grad_y.options());
   at::Tensor grad_x = out.view({g.size(0), w.K});
   if (g.size(0) > 0) {
+    // The sum over tiles is a split-K GEMM: 16-bit gradients are accumulated in float32 (each tile's product is
+    // rounded once), so the result does not lose a bit of precision per tile.
+    const bool half = grad_y.scalar_type() == at::kHalf || grad_y.scalar_type() == at::kBFloat16;
+    at::Tensor acc = half ? at::zeros({g.size(0), w.K}, grad_y.options().dtype(at::kFloat)) : grad_x;
     for_each_weight_tile(w, grad_y.scalar_type(), g.size(0), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      grad_x.addmm_(g.narrow(1, row0, rows), tile);
+      if (half) {
+        acc.add_(at::mm(g.narrow(1, row0, rows), tile));
+      } else {
+        acc.addmm_(g.narrow(1, row0, rows), tile);
+      }
     });
+    if (half) grad_x.copy_(acc);
   }
   return out;
 }

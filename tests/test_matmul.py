@@ -142,3 +142,16 @@ def test_opcheck_and_compile():
     (g_eager,) = torch.autograd.grad(fn(x), x)
     (g_compiled,) = torch.autograd.grad(compiled(x), x)
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+def test_bf16_backward_accumulates_tiles_in_float32():
+    # 4096 rows of W = many tiles: the gradient must be as accurate as one bf16 GEMM, not one rounding per tile.
+    packed, state = _weight(4096, 256, 64)
+    g = torch.randn(8, 4096, dtype=torch.bfloat16)
+    w = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    absmax, na, nc, off, nbs = state.op_args()
+    ours = torch.ops.fourbit.matmul_4bit_grad_x(g, packed, absmax, 64, "nf4", [4096, 256], na, nc, off, nbs)
+    exact = g.double() @ w
+    dense = (g @ w.bfloat16()).double()  # torch's own bf16 GEMM, for scale
+    err, dense_err = (ours.double() - exact).abs().mean(), (dense - exact).abs().mean()
+    assert err <= 1.5 * dense_err + 1e-6, (err, dense_err)
