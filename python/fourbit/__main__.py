@@ -47,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         batches=(1, 16) if args.quick else (1, 16, 512))  # fmt: skip
     results = benchmark.run_cases(cases, device, repeats=repeats, progress=lambda r: print(f"  done: {r.name}", flush=True))
     print(benchmark.format_table(results))
+    if args.quick:
+        print("(--quick: small shapes and few layers, mostly in cache; the targets are meant for the full run)")
     meta = {"device": str(device), "threads": torch.get_num_threads(), "shape": shape, "repeats": repeats,
             "torch": torch.__version__}
     if args.json:
