@@ -37,3 +37,10 @@ def test_quant_suite_runs_and_reports_ratios(tmp_path):
     assert payload["results"][0]["name"] == quantize.name and "ratios" in payload["results"][0]
     benchmark.plot(results, tmp_path / "r.png", "test")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_memory_is_measured_in_a_fresh_process():
+    extra = benchmark.peak_memory("fourbit", torch.float32, 4, shape=(256, 512), rank=4)
+    assert isinstance(extra, int) and 0 <= extra < 256 << 20
+    table = benchmark.memory_report(shape=(256, 512), dtypes=(torch.float32,), batches=(4,))
+    assert "fourbit MiB" in table and "% of dequantized W" in table

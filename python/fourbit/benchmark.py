@@ -444,3 +444,83 @@ def lora_cases(
                      {peer_names[kind]: fn for kind, fn in run.items()}, target=target)  # fmt: skip
             )
     return cases
+
+
+def _peak_memory_child(kind: str, dtype_name: str, batch: int, n: int, k: int, rank: int) -> None:
+    """Runs in a fresh process (see peak_memory): one layer forward + backward, printing the growth of peak RSS
+    (VmHWM) over the RSS after setup, in bytes. Linux only (/proc/self/clear_refs resets the peak)."""
+    import json as json_module
+
+    from torch import nn
+
+    from .nn import Linear4bit, LoRALinear
+
+    dtype = getattr(torch, dtype_name)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    dense = nn.Linear(k, n)
+    if kind == "fourbit":
+        layer = LoRALinear(Linear4bit.from_linear(dense, compute_dtype=dtype), r=rank, lora_alpha=rank,
+                           init_lora_weights=False)  # fmt: skip
+    elif kind == "dense":
+        layer = LoRALinear(dense.to(dtype), r=rank, lora_alpha=rank, init_lora_weights=False)
+        layer.base_layer.requires_grad_(False)
+    else:
+        import bitsandbytes as bnb
+        import peft
+
+        q = bnb.nn.Linear4bit(k, n, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)  # fmt: skip
+        wrapper = nn.Sequential(q.to("cpu"))
+        layer = peft.get_peft_model(wrapper, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]))
+    x = torch.randn(batch, k, dtype=dtype, requires_grad=True)
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    y = layer(x)
+    y.float().square().sum().backward()
+    print(json_module.dumps({"extra_peak_bytes": status("VmHWM:") - before}))
+
+
+def peak_memory(kind: str, dtype: torch.dtype, batch: int, shape=(4096, 4096), rank: int = 16) -> int:
+    """Extra peak resident memory (bytes) of one forward + backward of a LoRA layer, measured in a fresh process:
+    "fourbit" (LoRALinear over Linear4bit), "dense" (LoRALinear over nn.Linear) or "bnb" (PEFT over bitsandbytes)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from fourbit.benchmark import _peak_memory_child; "
+        f"_peak_memory_child({kind!r}, {str(dtype).removeprefix('torch.')!r}, {batch}, {shape[0]}, {shape[1]}, {rank})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra_peak_bytes"]
+
+
+def memory_report(shape=(4096, 4096), dtypes=(torch.float32, torch.bfloat16), batches=(16, 512)) -> str:
+    """A table of extra peak memory per layer forward + backward, and fourbit's extra over the unquantized LoRA
+    layer as a share of the dequantized weight's bytes (the spec's target: <= 25%)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+
+        kinds = ("fourbit", "dense", "bnb")
+    except ImportError:
+        kinds = ("fourbit", "dense")
+    rows = [("dtype", "batch", *[f"{k} MiB" for k in kinds], "fourbit - dense, % of dequantized W")]
+    for dtype in dtypes:
+        weight_bytes = shape[0] * shape[1] * dtype.itemsize
+        for batch in batches:
+            peaks = {kind: peak_memory(kind, dtype, batch, shape) for kind in kinds}
+            share = 100 * (peaks["fourbit"] - peaks["dense"]) / weight_bytes
+            rows.append((str(dtype).removeprefix("torch."), str(batch), *[f"{peaks[k] / 2**20:.1f}" for k in kinds],
+                         f"{share:.1f}%"))  # fmt: skip
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
