@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..functional import matmul_4bit, quantize_4bit
+from ..functional import dequantize_4bit, matmul_4bit, quantize_4bit
 from ..quant_state import QuantState, quant_map
 
 __all__ = ["Linear4bit"]
@@ -46,6 +46,8 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        *,
+        weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -54,9 +56,11 @@ class Linear4bit(nn.Module):
         self.out_features = out_features
         self.compute_dtype = compute_dtype
         self.quant_storage = quant_storage
-        # Until load_state_dict or from_linear fills it: the quantization of a zero weight of the right shape.
-        zero = torch.zeros(out_features, in_features, device=device, dtype=dtype)
-        self._store(*quantize_4bit(zero, blocksize, quant_type, compress_statistics, quant_storage))
+        # `weight`: the dense [out_features, in_features] weight to quantize. Without one, the quantization of zeros
+        # holds the place until load_state_dict fills it.
+        if weight is None:
+            weight = torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        self._store(*quantize_4bit(weight.detach(), blocksize, quant_type, compress_statistics, quant_storage))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     # ------------------------------------------------------------------ the quantized weight
@@ -105,20 +109,14 @@ class Linear4bit(nn.Module):
         """Quantizes ``linear``'s weight (on its device); the bias is kept as it is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.compute_dtype = compute_dtype
-        layer.quant_storage = quant_storage
-        layer._store(*quantize_4bit(weight, blocksize, quant_type, compress_statistics, quant_storage))
+        layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
+                    compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage,
+                    blocksize=blocksize, weight=linear.weight)  # fmt: skip
         layer.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense tensor (``dtype`` or the dtype it had before quantization)."""
-        from ..functional import dequantize_4bit
-
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
     # ------------------------------------------------------------------ forward
