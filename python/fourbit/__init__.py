@@ -27,6 +27,24 @@ from . import _ops  # noqa: E402,F401  (their fake implementations)
 from .functional import dequantize_4bit, lora_linear, lora_linear_multi, matmul_4bit, quantize_4bit  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 from . import nn  # noqa: E402,F401
+from .config import LoraConfig  # noqa: E402
+from .model import (  # noqa: E402
+    active_adapters,
+    adapter_state_dict,
+    add_lora,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    per_row_adapters,
+    prepare_for_kbit_training,
+    quantize_model,
+    save_adapter,
+    set_adapter,
+    trainable_parameters,
+    unmerge_lora,
+)
 
 __version__ = "0.1.0"
 
@@ -51,4 +69,8 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi", "cuda_kernels_built", "build_info", "__version__"]
+__all__ = [
+    "LoraConfig", "quantize_model", "add_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
+    "set_adapter", "active_adapters", "delete_adapter", "disable_adapters", "per_row_adapters", "lora_layers",
+    "adapter_state_dict", "prepare_for_kbit_training", "trainable_parameters",
+    "QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi", "cuda_kernels_built", "build_info", "__version__"]

@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Atomic folder saves and safe reads of adapter / checkpoint folders.
+
+A save writes everything into ``<path>.tmp``, then swaps it in with two renames: ``<path>`` -> ``<path>.old`` and
+``<path>.tmp`` -> ``<path>``; ``<path>.old`` is removed last. Whatever point a save is interrupted at, one of
+``<path>`` or ``<path>.old`` is a complete folder, and ``resolve_folder`` finds it. Files that were in ``<path>``
+and are not rewritten (a README, a config written by someone else) are carried over into the new folder.
+
+Reads accept safetensors only (no pickle), and JSON configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["atomic_folder_save", "resolve_folder", "read_json", "read_safetensors", "write_safetensors"]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in folder.rglob("*"):
+        if entry.is_file():
+            with open(entry, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_folder_save(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp_folder)`` and atomically makes ``tmp_folder`` the new ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path {str(path)!r} exists and is not a folder")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left behind by an interrupted save: never complete, never read
+    if not path.exists() and old.is_dir():
+        old.rename(path)  # an interrupted swap: restore the complete previous folder first
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.is_dir():
+        for entry in path.iterdir():  # keep what this save does not rewrite
+            target = tmp / entry.name
+            if not target.exists():
+                if entry.is_dir():
+                    shutil.copytree(entry, target)
+                else:
+                    shutil.copy2(entry, target)
+    _fsync_tree(tmp)
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def resolve_folder(path: str | os.PathLike, required: str) -> Path:
+    """The folder to read ``path`` from: ``path`` itself, or ``<path>.old`` when a save was interrupted mid-swap."""
+    path = Path(path)
+    if (path / required).is_file():
+        return path
+    old = path.with_name(path.name + ".old")
+    if (old / required).is_file():
+        return old
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        hint = " (a pickle checkpoint: fourbit loads safetensors only)" if any(n.endswith((".bin", ".pt", ".pth")) for n in names) else ""
+        raise FileNotFoundError(f"{str(path)!r} has no {required}; it contains {names}{hint}")
+    raise FileNotFoundError(f"no such folder: {str(path)!r}")
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
