@@ -117,6 +117,47 @@ TORCH_LIBRARY(fourbit, m) {
       "Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias=None, Tensor? lora_x=None, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256) -> Tensor");
 
+  // ---- fake quantization for QAT (cpu/fake_quant_cpu.cpp, cuda/fake_quant_cuda.cu; math in core/fake_quant.h) ----
+  // Affine fake quantization y = (clamp(zero_point + round(x / scale), quant_min, quant_max) - zero_point) * scale,
+  // exactly as torch.fake_quantize_per_tensor_affine / _per_channel_affine. x: float32/float16/bfloat16/float64, any
+  // shape. scale (float, positive) and zero_point (integer or float; rounded half to even and clamped to
+  // [quant_min, quant_max]) hold one value per tensor (neither axis nor group_size), per channel along `axis`
+  // (x.shape[axis] values) or per group of `group_size` consecutive elements along the last dimension
+  // (x.numel() / group_size values, e.g. shaped x.shape[:-1] + [K / group_size]). grad_factor only scales the
+  // gradients of scale and zero_point (LSQ), see fake_quantize_affine_backward.
+  m.def(
+      "fake_quantize_affine(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int? axis=None, "
+      "int? group_size=None, float grad_factor=1.0) -> Tensor");
+  // Gradients of fake_quantize_affine: grad_x (straight-through inside the clamp range, zero outside), and with
+  // param_grads the LSQ gradients of scale and zero_point times grad_factor, in their shapes and dtypes (otherwise
+  // two empty tensors).
+  m.def(
+      "fake_quantize_affine_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max, int? axis, int? group_size, float grad_factor, bool param_grads) -> (Tensor grad_x, "
+      "Tensor grad_scale, Tensor grad_zero_point)");
+  // dequantize_4bit(quantize_4bit(x)) bit for bit, in one pass without the packed bytes (with compress_statistics:
+  // through the double-quantized scales, as dequantize_4bit decodes them). Returns x's shape and dtype.
+  m.def(
+      "fake_quantize_4bit(Tensor x, int blocksize, str quant_type, bool compress_statistics=False, "
+      "int nested_blocksize=256) -> Tensor");
+
+  // ---- LinearInt: weight-only int4/int8 per-group (linear_int.cpp, cpu/linear_int_cpu.cpp, cuda/linear_int_cuda.cu)
+  // W [N, K] = `shape`: qweight uint8 [N, K / 2] (int4, two codes per byte, the first in the high nibble) or [N, K]
+  // (int8); scale float32 and zero_point uint8 [N, K / group_size]; W = (code - zero_point) * scale.
+  m.def(
+      "dequantize_int_into(Tensor qweight, Tensor scale, Tensor zero_point, int bits, int group_size, SymInt[] shape, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_int(Tensor qweight, Tensor scale, Tensor zero_point, int bits, int group_size, SymInt[] shape, "
+      "ScalarType dtype) -> Tensor");
+  // x [..., K] @ W.T + bias -> [..., N] in x's dtype, W dequantized tile by tile.
+  m.def(
+      "matmul_int(Tensor x, Tensor qweight, Tensor scale, Tensor zero_point, int bits, int group_size, "
+      "SymInt[] shape, Tensor? bias=None) -> Tensor");
+  m.def(
+      "matmul_int_grad_x(Tensor grad_y, Tensor qweight, Tensor scale, Tensor zero_point, int bits, int group_size, "
+      "SymInt[] shape) -> Tensor");
+
   // ---- codebooks ----
   m.def("quant_map(str name) -> Tensor");
 }

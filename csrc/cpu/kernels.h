@@ -8,6 +8,7 @@
 
 #include "core/blockwise.h"
 #include "core/codebook.h"
+#include "core/fake_quant.h"
 
 namespace fourbit::cpu {
 
@@ -44,6 +45,54 @@ struct Gemv4bitArgs {
   float* y;  // [M, N] float32
 };
 
+// Affine fake quantization (qat_kernels.h) of n contiguous elements; per-parameter float32 scale and zero point (the
+// zero point already rounded and clamped to an integer in [quant_min, quant_max]).
+struct FakeQuantArgs {
+  const void* x;
+  ElemType type;
+  int64_t n;
+  AffineLayout layout;
+  const float* scale;
+  const float* zero_point;
+  float quant_min, quant_max;
+  void* y;  // n elements of type
+};
+
+struct FakeQuantGradArgs {
+  FakeQuantArgs fwd;  // y unused
+  const void* dy;     // n elements of fwd.type
+  void* dx;           // n elements of fwd.type
+  float* dscale;      // n per-element scale gradients, or null (then dzero_point is null too)
+  float* dzero_point;
+};
+
+// dequantize(quantize_4bit(x)) without the packed bytes. absmax: null (each block's absmax is computed, and is also
+// the decoding scale), or the float32 absmax of every block as quantize_4bit computes it, with `scales` giving the
+// decoding scale of each block (double quantization).
+struct FakeQuant4bitArgs {
+  const void* input;
+  ElemType type;
+  int64_t n;
+  int64_t blocksize;
+  Codebook4 codebook;
+  const float* absmax;
+  BlockScales scales;
+  void* out;  // n elements of type
+};
+
+// LinearInt's weight [N, K]: codes (int4: K / 2 bytes per row, int8: K), scale float32 and zero point uint8 per group
+// of group_size along K ([N, K / group_size]); w = (code - zero_point) * scale.
+struct DequantizeIntArgs {
+  const uint8_t* qweight;
+  const float* scale;
+  const uint8_t* zero_point;
+  int64_t K;
+  int64_t group_size;
+  int bits;
+  void* out;  // rows of K elements of out_type
+  ElemType out_type;
+};
+
 // Each function handles blocks [block_begin, block_end). Different ranges touch disjoint bytes, because blocks hold
 // an even number of elements and therefore start on a byte boundary of the packed buffer.
 struct QuantKernels {
@@ -52,6 +101,13 @@ struct QuantKernels {
   void (*dequantize_4bit)(const Dequantize4bitArgs&, int64_t block_begin, int64_t block_end);
   // Output columns (rows of W) [n_begin, n_end).
   void (*gemv_4bit)(const Gemv4bitArgs&, int64_t n_begin, int64_t n_end);
+  // Elements [begin, end).
+  void (*fake_quantize_affine)(const FakeQuantArgs&, int64_t begin, int64_t end);
+  void (*fake_quantize_affine_grad)(const FakeQuantGradArgs&, int64_t begin, int64_t end);
+  // Blocks [block_begin, block_end).
+  void (*fake_quantize_4bit)(const FakeQuant4bitArgs&, int64_t block_begin, int64_t block_end);
+  // Rows [row_begin, row_end).
+  void (*dequantize_int)(const DequantizeIntArgs&, int64_t row_begin, int64_t row_end);
 };
 
 // One table per instruction set; the AVX ones exist only on x86-64 builds.
