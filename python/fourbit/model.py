@@ -302,8 +302,9 @@ def per_row_adapters(model: nn.Module, adapter_names: list[str]):
     _require_adapter(model, [n for n in dict.fromkeys(names) if n != "__base__"])
 
     def hook(module, args, kwargs):
+        # A layer the adapter does not reach computes its base output for that row.
         kwargs = dict(kwargs)
-        kwargs["adapter_names"] = names
+        kwargs["adapter_names"] = [n if n in module.lora_A else "__base__" for n in names]
         return args, kwargs
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in lora_layers(model).values()]
@@ -361,12 +362,15 @@ def prepare_for_kbit_training(
             if not callable(enable):
                 raise ValueError("a reentrant gradient checkpoint needs model.enable_input_require_grads()")
             enable()
-        enable_gc = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable_gc):
+        # transformers 5 renamed it activation_checkpointing_enable (the old name warns); older ones have only that.
+        if callable(getattr(model, "activation_checkpointing_enable", None)):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ValueError(
                 f"{type(model).__name__} has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False"
             )
-        enable_gc(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
