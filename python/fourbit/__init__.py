@@ -25,8 +25,10 @@ _check_torch_version()
 from . import _C  # noqa: E402  (registers the torch.ops.fourbit operators)
 from . import _ops  # noqa: E402,F401  (their fake implementations)
 from .functional import dequantize_4bit, lora_linear, lora_linear_multi, matmul_4bit, quantize_4bit  # noqa: E402
+from .functional import fake_quantize, fake_quantize_4bit  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 from . import nn  # noqa: E402,F401
+from . import qat  # noqa: E402,F401
 from .config import LoraConfig  # noqa: E402
 from .model import (  # noqa: E402
     active_adapters,
@@ -70,6 +72,9 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "fake_quantize",
+    "fake_quantize_4bit",
+    "qat",
     "LoraConfig", "quantize_model", "add_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
     "set_adapter", "active_adapters", "delete_adapter", "disable_adapters", "per_row_adapters", "lora_layers",
     "adapter_state_dict", "prepare_for_kbit_training", "trainable_parameters",

@@ -217,3 +217,175 @@ def _lora_linear_backward(ctx, grad):
 
 
 torch.library.register_autograd("fourbit::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context)
+
+
+# ---- QAT: affine fake quantization (STE / LSQ), 4-bit fake quantization, LinearInt ----
+def _check_fake_quantize_args(x, scale, zero_point, quant_min, quant_max, axis, group_size):
+    """The metadata rules of csrc/qat_checks.h (check_fake_quantize_args), with the same messages."""
+    if x.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not quant_min < quant_max:
+        raise ValueError(f"quant_min must be less than quant_max, got quant_min={quant_min} and quant_max={quant_max}")
+    if quant_min < -(1 << 24) or quant_max > (1 << 24):
+        raise ValueError(f"quant_min and quant_max must lie in [-2^24, 2^24], got {quant_min} and {quant_max}")
+    if not scale.dtype.is_floating_point:
+        raise TypeError(f"scale must be a float tensor, got {scale.dtype}")
+    if zero_point.dtype == torch.bool or zero_point.dtype.is_complex:
+        raise TypeError(f"zero_point must be an integer or float tensor, got {zero_point.dtype}")
+    if axis is not None and group_size is not None:
+        raise ValueError(f"give axis (per channel) or group_size (per group), not both; got axis={axis} and group_size={group_size}")
+    if axis is not None:
+        if not (x.dim() > 0 and -x.dim() <= axis < x.dim()):
+            raise ValueError(f"axis must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {axis}")
+        expected = x.shape[axis]
+    elif group_size is not None:
+        if x.dim() == 0:
+            raise ValueError("group_size needs x with at least one dimension, got a scalar")
+        if not (group_size > 0 and x.shape[-1] % group_size == 0):
+            raise ValueError(f"group_size must be positive and divide x.shape[-1] = {x.shape[-1]}, got {group_size}")
+        expected = x.numel() // group_size
+    else:
+        expected = 1
+    torch._check(scale.numel() == expected, lambda: f"scale must hold {expected} values, got shape {tuple(scale.shape)}")
+    torch._check(
+        zero_point.numel() == scale.numel(),
+        lambda: f"zero_point must have scale's {scale.numel()} values, got shape {tuple(zero_point.shape)}",
+    )
+
+
+@torch.library.register_fake("fourbit::fake_quantize_affine")
+def _fake_quantize_affine_fake(x, scale, zero_point, quant_min, quant_max, axis=None, group_size=None, grad_factor=1.0):
+    _check_fake_quantize_args(x, scale, zero_point, quant_min, quant_max, axis, group_size)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fourbit::fake_quantize_affine_backward")
+def _fake_quantize_affine_backward_fake(
+    grad, x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor, param_grads
+):  # fmt: skip
+    _check_fake_quantize_args(x, scale, zero_point, quant_min, quant_max, axis, group_size)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not param_grads:
+        return dx, scale.new_empty((0,)), zero_point.new_empty((0,))
+    return dx, torch.empty_like(scale), torch.empty_like(zero_point)
+
+
+def _fake_quantize_affine_setup_context(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor = inputs + (None, None, 1.0)[
+        len(inputs) - 5 :
+    ]  # fmt: skip
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (quant_min, quant_max, axis, group_size, 1.0 if grad_factor is None else grad_factor)
+
+
+def _fake_quantize_affine_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    quant_min, quant_max, axis, group_size, grad_factor = ctx.args
+    needs = ctx.needs_input_grad
+    param_grads = needs[1] or needs[2]
+    grad_x, grad_scale, grad_zero_point = torch.ops.fourbit.fake_quantize_affine_backward(
+        grad, x, scale, zero_point, quant_min, quant_max, axis, group_size, grad_factor, param_grads
+    )
+    grads = (
+        grad_x if needs[0] else None,
+        grad_scale if needs[1] else None,
+        grad_zero_point if needs[2] and zero_point.dtype.is_floating_point else None,
+    )
+    return grads + (None,) * (len(needs) - 3)
+
+
+torch.library.register_autograd(
+    "fourbit::fake_quantize_affine", _fake_quantize_affine_backward, setup_context=_fake_quantize_affine_setup_context
+)
+
+
+@torch.library.register_fake("fourbit::fake_quantize_4bit")
+def _fake_quantize_4bit_fake(x, blocksize, quant_type, compress_statistics=False, nested_blocksize=256):
+    _check_quant_type(quant_type)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"A (the tensor to quantize) must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_blocksize(blocksize)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# The straight-through estimator: the gradient passes through the 4-bit rounding unchanged.
+def _fake_quantize_4bit_setup_context(ctx, inputs, output):
+    ctx.n_inputs = len(inputs)
+
+
+def _fake_quantize_4bit_backward(ctx, grad):
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+
+torch.library.register_autograd(
+    "fourbit::fake_quantize_4bit", _fake_quantize_4bit_backward, setup_context=_fake_quantize_4bit_setup_context
+)
+
+
+def _check_int_weight(qweight, scale, zero_point, bits, group_size, shape):
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    _check_weight_shape(shape)
+    n, k = shape
+    torch._check(
+        group_size > 0 and k % group_size == 0 and (bits == 8 or group_size % 2 == 0),
+        lambda: f"group_size must be positive and divide in_features = {k}, got {group_size}",
+    )
+    torch._check(
+        tuple(qweight.shape) == (n, k * bits // 8),
+        lambda: f"qweight must be contiguous with shape [{n}, {k * bits // 8}], got shape {tuple(qweight.shape)}",
+    )
+    torch._check(
+        tuple(scale.shape) == (n, k // group_size),
+        lambda: f"scale must be contiguous with shape [{n}, {k // group_size}], got shape {tuple(scale.shape)}",
+    )
+
+
+@torch.library.register_fake("fourbit::dequantize_int_into")
+def _dequantize_int_into_fake(qweight, scale, zero_point, bits, group_size, shape, out):
+    _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
+
+
+@torch.library.register_fake("fourbit::dequantize_int")
+def _dequantize_int_fake(qweight, scale, zero_point, bits, group_size, shape, dtype):
+    _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype (the output dtype) must be float32, float16 or bfloat16, got {dtype}")
+    return qweight.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("fourbit::matmul_int")
+def _matmul_int_fake(x, qweight, scale, zero_point, bits, group_size, shape, bias=None):
+    _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
+    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("fourbit::matmul_int_grad_x")
+def _matmul_int_grad_x_fake(grad_y, qweight, scale, zero_point, bits, group_size, shape):
+    _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
+    torch._check(grad_y.shape[-1] == shape[0], lambda: f"grad_y must end in out_features = {shape[0]}")
+    return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
+
+
+# ---- autograd of matmul_int: gradients to x and bias (the integer weight is frozen), W re-dequantized tile by tile.
+def _matmul_int_setup_context(ctx, inputs, output):
+    x, qweight, scale, zero_point, bits, group_size, shape, bias = inputs + (None,) * (8 - len(inputs))
+    ctx.save_for_backward(qweight, scale, zero_point)
+    ctx.weight_args = (bits, group_size, shape)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _matmul_int_backward(ctx, grad):
+    qweight, scale, zero_point = ctx.saved_tensors
+    bits, group_size, shape = ctx.weight_args
+    needs = ctx.needs_input_grad
+    grad_x = grad_bias = None
+    if needs[0]:
+        grad_x = torch.ops.fourbit.matmul_int_grad_x(grad, qweight, scale, zero_point, bits, group_size, shape)
+    if len(needs) > 7 and needs[7]:
+        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+    return (grad_x, None, None, None, None, None, None, grad_bias)[: len(needs)]
+
+
+torch.library.register_autograd("fourbit::matmul_int", _matmul_int_backward, setup_context=_matmul_int_setup_context)

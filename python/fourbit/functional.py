@@ -7,7 +7,15 @@ import torch
 
 from .quant_state import QuantState, quant_map
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi"]
+__all__ = [
+    "quantize_4bit",
+    "dequantize_4bit",
+    "matmul_4bit",
+    "lora_linear",
+    "lora_linear_multi",
+    "fake_quantize",
+    "fake_quantize_4bit",
+]
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
 
@@ -201,3 +209,58 @@ def lora_linear_multi(
     term = torch.bmm(h, lora_B[safe].transpose(1, 2))  # [batch, tokens, out]
     term = term * (scaling.to(term.dtype)[safe] * valid.to(term.dtype)).view(-1, 1, 1)
     return y + term.reshape(y.shape).to(y.dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+    group_size: int | None = None,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """Affine fake quantization: ``(clamp(zero_point + round(x / scale), quant_min, quant_max) - zero_point) * scale``.
+
+    The result equals ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine`` bit for
+    bit (same rounding: ``round(x * (1 / scale))`` half to even, in float32 for 16-bit inputs; float64 inputs compute
+    in float64). Granularity:
+
+    * per tensor: ``scale`` and ``zero_point`` hold one value;
+    * per channel: ``axis`` given, ``x.shape[axis]`` values;
+    * per group: ``group_size`` given, one value per ``group_size`` consecutive elements along the last dimension
+      (``x.numel() // group_size`` values, e.g. shaped ``x.shape[:-1] + (x.shape[-1] // group_size,)``).
+
+    ``zero_point`` may be an integer or a float tensor; it is rounded half to even and clamped to
+    ``[quant_min, quant_max]`` (as PyTorch's learnable fake-quant ops do).
+
+    Gradients: to ``x`` straight through inside the clamp range and zero outside; to ``scale`` and a float
+    ``zero_point`` that require grad, LSQ's (as ``torch._fake_quantize_learnable_per_tensor_affine`` /
+    ``..._per_channel_affine``), multiplied by ``grad_factor`` (LSQ suggests ``1 / sqrt(x.numel() * quant_max)``).
+
+    Raises ValueError for ``quant_min >= quant_max``, an ``axis`` out of range, a ``group_size`` that does not divide
+    the last dimension, parameter counts that do not match, and (CPU; on CUDA the outputs become NaN instead of
+    synchronising to check) a scale that is not positive and finite.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    if not isinstance(zero_point, torch.Tensor):
+        zero_point = torch.tensor(int(zero_point), dtype=torch.int32, device=x.device)
+    return torch.ops.fourbit.fake_quantize_affine(
+        x, scale, zero_point, int(quant_min), int(quant_max), axis, group_size, float(grad_factor)
+    )
+
+
+def fake_quantize_4bit(
+    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = False
+) -> torch.Tensor:
+    """``dequantize_4bit(*quantize_4bit(x, blocksize, quant_type, compress_statistics))`` bit for bit, in one pass
+    (no packed bytes are written; with ``compress_statistics`` the block scales go through the same 8-bit double
+    quantization first). Same shape and dtype as ``x``; the gradient passes straight through (identity), which is
+    QAT toward the NF4/FP4 deployment format of ``Linear4bit``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    return torch.ops.fourbit.fake_quantize_4bit(x, blocksize, quant_type, bool(compress_statistics), NESTED_BLOCKSIZE)

@@ -3,5 +3,6 @@
 
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
+from .linear_int import LinearInt
 
-__all__ = ["Linear4bit", "LoRALinear"]
+__all__ = ["Linear4bit", "LoRALinear", "LinearInt"]
