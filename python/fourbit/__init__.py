@@ -47,6 +47,7 @@ from .model import (  # noqa: E402
     trainable_parameters,
     unmerge_lora,
 )
+from .pretrained import from_pretrained, save_pretrained, save_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -78,4 +79,5 @@ __all__ = [
     "LoraConfig", "quantize_model", "add_lora", "save_adapter", "load_adapter", "merge_lora", "unmerge_lora",
     "set_adapter", "active_adapters", "delete_adapter", "disable_adapters", "per_row_adapters", "lora_layers",
     "adapter_state_dict", "prepare_for_kbit_training", "trainable_parameters",
+    "from_pretrained", "save_pretrained", "save_quantized",
     "QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi", "cuda_kernels_built", "build_info", "__version__"]

@@ -34,8 +34,13 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_folder_save(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Calls ``write(tmp_folder)`` and atomically makes ``tmp_folder`` the new ``path``."""
+def atomic_folder_save(
+    path: str | os.PathLike, write: Callable[[Path], None], superseded: Callable[[str], bool] | None = None
+) -> Path:
+    """Calls ``write(tmp_folder)`` and atomically makes ``tmp_folder`` the new ``path``.
+
+    ``superseded(name)``: true for names of the previous folder's entries that this save replaces even when it does
+    not rewrite them (a checkpoint's old shards), so they are not carried over."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path {str(path)!r} exists and is not a folder")
@@ -49,7 +54,7 @@ def atomic_folder_save(path: str | os.PathLike, write: Callable[[Path], None]) -
     if path.is_dir():
         for entry in path.iterdir():  # keep what this save does not rewrite
             target = tmp / entry.name
-            if not target.exists():
+            if not target.exists() and not (superseded is not None and superseded(entry.name)):
                 if entry.is_dir():
                     shutil.copytree(entry, target)
                 else:
