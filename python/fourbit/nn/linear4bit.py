@@ -74,13 +74,34 @@ class Linear4bit(nn.Module):
         self.quant_type = state.quant_type
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype  # the dtype the weight had before quantization
-        self.register_buffer("weight_absmax", state.absmax)
+        self._set_quant_tensor("weight_absmax", state.absmax)
         self.register_buffer("weight_quant_map", state.code)
         nested = state.nested
-        self.register_buffer("weight_nested_absmax", state.state2.absmax if nested else None)
+        self._set_quant_tensor("weight_nested_absmax", state.state2.absmax if nested else None)
         self.register_buffer("weight_nested_quant_map", state.state2.code if nested else None)
         self.register_buffer("weight_offset", state.offset if nested else None)
         self.nested_blocksize = state.state2.blocksize if nested else None
+
+    def _set_quant_tensor(self, name: str, tensor: torch.Tensor | None) -> None:
+        # A scale keeps the kind it is registered as (buffer, or frozen Parameter after scales_as_parameters()).
+        if name in self._parameters:
+            self._parameters[name] = None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+        else:
+            self.register_buffer(name, tensor)
+
+    def scales_as_parameters(self) -> Linear4bit:
+        """Re-registers the per-block scales (``weight_absmax`` and ``weight_nested_absmax``) as Parameters with
+        ``requires_grad=False`` instead of buffers, and returns the layer.
+
+        Why: FSDP2 (``fully_shard``) shards parameters only; buffers stay whole on every rank. The absmax is 1/8 of
+        the packed bytes without double quantization, so it is sharded with the packed weight (see
+        ``fourbit.distributed.shard_model``). The tiny constants (``weight_quant_map``, ``weight_nested_quant_map``,
+        the 0-dim ``weight_offset``) stay buffers. Names, forward and ``state_dict`` keys are unchanged."""
+        for name in ("weight_absmax", "weight_nested_absmax"):
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                self._parameters[name] = None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+        return self
 
     @property
     def quant_state(self) -> QuantState:
@@ -142,15 +163,15 @@ class Linear4bit(nn.Module):
             if t is not None and t.is_floating_point():
                 saved[name] = t.dtype
                 view = t.data.view(_int_type(t.dtype))
-                if name == "weight":
-                    self.weight = nn.Parameter(view, requires_grad=False)
+                if name == "weight" or name in self._parameters:
+                    self._parameters[name] = nn.Parameter(view, requires_grad=False)
                 else:
                     self._buffers[name] = view
         super()._apply(fn, recurse)
         for name, dtype in saved.items():
             t = getattr(self, name)
-            if name == "weight":
-                self.weight = nn.Parameter(t.data.view(dtype), requires_grad=False)
+            if name == "weight" or name in self._parameters:
+                self._parameters[name] = nn.Parameter(t.data.view(dtype), requires_grad=False)
             else:
                 self._buffers[name] = t.view(dtype)
         return self
