@@ -49,6 +49,18 @@ from .model import (  # noqa: E402
 )
 from .pretrained import from_pretrained, save_pretrained, save_quantized  # noqa: E402
 
+from .adapters import (  # noqa: E402
+    add_bottleneck_adapters,
+    bottleneck_adapter_names,
+    bottleneck_state_dict,
+    delete_bottleneck_adapter,
+    disable_bottleneck_adapters,
+    load_bottleneck_adapters,
+    save_bottleneck_adapters,
+    set_bottleneck_adapter,
+)
+from .prompt_tuning import add_prompt_tuning, load_prompt_tuning, save_prompt_tuning  # noqa: E402
+
 __version__ = "0.1.0"
 
 
@@ -80,4 +92,7 @@ __all__ = [
     "set_adapter", "active_adapters", "delete_adapter", "disable_adapters", "per_row_adapters", "lora_layers",
     "adapter_state_dict", "prepare_for_kbit_training", "trainable_parameters",
     "from_pretrained", "save_pretrained", "save_quantized",
+    "add_bottleneck_adapters", "set_bottleneck_adapter", "delete_bottleneck_adapter", "disable_bottleneck_adapters",
+    "bottleneck_adapter_names", "bottleneck_state_dict", "save_bottleneck_adapters", "load_bottleneck_adapters",
+    "add_prompt_tuning", "save_prompt_tuning", "load_prompt_tuning",
     "QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit", "lora_linear", "lora_linear_multi", "cuda_kernels_built", "build_info", "__version__"]

@@ -4,5 +4,7 @@
 from .linear4bit import Linear4bit
 from .lora import LoRALinear
 from .linear_int import LinearInt
+from .adapters import BottleneckAdapter
+from .prompt_tuning import PromptTunedModel, PromptTuning
 
-__all__ = ["Linear4bit", "LoRALinear", "LinearInt"]
+__all__ = ["Linear4bit", "LoRALinear", "LinearInt", "BottleneckAdapter", "PromptTuning", "PromptTunedModel"]
