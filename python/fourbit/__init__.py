@@ -48,6 +48,8 @@ from .model import (  # noqa: E402
     unmerge_lora,
 )
 from .pretrained import from_pretrained, save_pretrained, save_quantized  # noqa: E402
+from . import distributed  # noqa: E402,F401
+from .distributed import save_adapter_distributed, shard_model  # noqa: E402
 
 from .adapters import (  # noqa: E402
     add_bottleneck_adapters,
@@ -92,6 +94,7 @@ __all__ = [
     "set_adapter", "active_adapters", "delete_adapter", "disable_adapters", "per_row_adapters", "lora_layers",
     "adapter_state_dict", "prepare_for_kbit_training", "trainable_parameters",
     "from_pretrained", "save_pretrained", "save_quantized",
+    "distributed", "shard_model", "save_adapter_distributed",
     "add_bottleneck_adapters", "set_bottleneck_adapter", "delete_bottleneck_adapter", "disable_bottleneck_adapters",
     "bottleneck_adapter_names", "bottleneck_state_dict", "save_bottleneck_adapters", "load_bottleneck_adapters",
     "add_prompt_tuning", "save_prompt_tuning", "load_prompt_tuning",
