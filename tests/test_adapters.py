@@ -221,6 +221,18 @@ def test_user_named_sublayers_with_tuple_outputs():
     torch.testing.assert_close(model(x), expected)
 
 
+def test_quantize_model_and_all_linear_lora_leave_adapters_alone():
+    base = tiny_llama()
+    model = fourbit.add_bottleneck_adapters(copy.deepcopy(base), placement="houlsby")
+    fourbit.quantize_model(model, progress=False)
+    quantized = fourbit.quantize_model(copy.deepcopy(base), progress=False)
+    assert torch.equal(logits(model), logits(quantized))  # adapters still float32 and still the identity
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".bottleneck_adapters." in n)
+    fourbit.add_lora(model, fourbit.LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = set(fourbit.lora_layers(model))
+    assert wrapped and not any("bottleneck" in n for n in wrapped)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _train(model, steps=5, lr=3e-2):
     model.train()

@@ -32,6 +32,24 @@ def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
     return max(1, int(hidden_size // reduction_factor))
 
 
+class AdapterProjection(nn.Module):
+    """``x @ weight.T + bias`` with ``nn.Linear``'s parameter names and layout, deliberately not an ``nn.Linear``:
+    :func:`fourbit.quantize_model` and ``add_lora(target_modules="all-linear")`` look for ``nn.Linear`` layers and
+    must leave adapters alone."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class BottleneckAdapter(nn.Module):
     """A sequential bottleneck adapter with its own residual: ``forward(h) = h + f(h)``.
 
@@ -40,8 +58,8 @@ class BottleneckAdapter(nn.Module):
         reduction_factor: the bottleneck is ``hidden_size // reduction_factor`` wide (> 0; below 1 it is wider than
             ``hidden_size``, as in AdapterHub).
         non_linearity: "relu", "gelu", "gelu_new" (tanh approximation), "swish" / "silu" or "tanh".
-        init_weights: "mam_adapter" (default: down-projection kaiming-uniform with a = sqrt(5), up-projection and its
-            bias zero, so the adapter is exactly the identity until it trains), "bert" (weights N(0, 0.02), biases
+        init_weights: "mam_adapter" (default: down-projection kaiming-uniform with a = sqrt(5), biases and
+            up-projection zero, so the adapter is exactly the identity until it trains), "bert" (weights N(0, 0.02), biases
             0: close to, not exactly, the identity) or "houlsby" (weights truncated N(0, 0.01) in [-0.02, 0.02],
             biases 0).
         dropout: dropout probability on the adapter's output (before the residual add).
@@ -82,9 +100,9 @@ class BottleneckAdapter(nn.Module):
         self.init_weights = init_weights
         self.scaling = float(scaling)
         factory = dict(dtype=dtype if dtype is not None else torch.float32, device=device)
-        self.adapter_down = nn.Linear(hidden_size, self.bottleneck_size, **factory)
+        self.adapter_down = AdapterProjection(hidden_size, self.bottleneck_size, **factory)
         self.non_linearity = _NON_LINEARITIES[non_linearity]()
-        self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size, **factory)
+        self.adapter_up = AdapterProjection(self.bottleneck_size, hidden_size, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -93,8 +111,7 @@ class BottleneckAdapter(nn.Module):
         down, up = self.adapter_down, self.adapter_up
         if self.init_weights == "mam_adapter":
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(self.hidden_size)  # nn.Linear's own bias init
-            nn.init.uniform_(down.bias, -bound, bound)
+            nn.init.zeros_(down.bias)
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
         elif self.init_weights == "bert":
