@@ -122,6 +122,54 @@ def run(args) -> dict:
     return rows
 
 
+def check(args) -> None:
+    """Device-agnostic equality check for the GPU script (NCCL, any world size, 1 included): FSDP2 forward and
+    adapter gradients on each rank's rows against an unsharded copy run on the whole batch; raises on a mismatch."""
+    import copy
+
+    import fourbit
+    from fourbit import distributed as fd
+
+    use_cuda = args.device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    args.compute_dtype = None
+    model = build(args, device)
+    with torch.no_grad():  # non-zero lora_B, so every adapter matrix gets a gradient
+        for layer in fourbit.lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.02)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    ref_out = ref(ids, labels=ids)
+    ref_out.loss.backward()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fd.shard_model(model, mesh=init_device_mesh(device.type, (world,)))
+    local = ids.chunk(world)[rank]
+    out = model(local, labels=local)
+    out.loss.backward()
+    expected = ref_out.logits.chunk(world)[rank]
+    logits_err = float((out.logits.detach() - expected.detach()).abs().max() / expected.detach().abs().max())
+    ref_params = dict(ref.named_parameters())
+    grad_err = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g, r = p.grad.full_tensor(), ref_params[name].grad
+            grad_err = max(grad_err, float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)))
+    stored, total = fd.sharded_bytes(model), fd.sharded_bytes(ref)
+    ok = logits_err < 1e-3 and grad_err < 1e-3
+    if rank == 0:
+        print(f"distributed check ({device.type}, {'nccl' if use_cuda else 'gloo'}, world {world}): "
+              f"max relative logits error {logits_err:.2e}, adapter grads {grad_err:.2e}; packed 4-bit bytes on "
+              f"rank 0 {stored['packed']} of {total['packed']}: {'OK' if ok else 'MISMATCH'}")  # fmt: skip
+    dist.destroy_process_group()
+    if not ok:
+        raise SystemExit(1)
+
+
 def _current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -147,6 +195,8 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=["single", "ddp", "fsdp"], default=None,
                    help="default: fsdp under torchrun, single otherwise")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--check", action="store_true",
+                   help="FSDP2 vs an unsharded copy: logits and adapter grads must agree (exit 1 otherwise)")
     p.add_argument("--compare", action="store_true", help="run single, then torchrun 2-rank ddp and fsdp; one table")
     p.add_argument("--nproc", type=int, default=2, help="ranks for --compare")
     p.add_argument("--hidden", type=int, default=512)
@@ -163,6 +213,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     args.compute_dtype = torch.bfloat16 if args.bf16 else None
+    if args.check:
+        return check(args)
     if args.compare:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--compare",)]
         passthrough = [a for i, a in enumerate(passthrough) if not (a == "--json" or (i and passthrough[i - 1] == "--json"))]

@@ -72,5 +72,22 @@ cases += benchmark.matmul_cases(dev, shape=(4096, 4096), layers=16, dtypes=(torc
 print(benchmark.format_table(benchmark.run_cases(cases, dev)))
 PY
 tail -n 8 "$OUT/bench_quant_cuda.txt"
+
+# ---------------------------------------------------------------- distributed QLoRA (fourbit.distributed, NCCL)
+# FSDP2 on NCCL over every GPU present (world size 1 on a one-GPU machine): logits and adapter gradients against
+# an unsharded copy, then tokens/s and per-rank memory, one process vs FSDP2 (bf16 compute).
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+log "distributed: FSDP2 check and benchmark on NCCL, world size $ngpu"
+python -m torch.distributed.run --nproc-per-node "$ngpu" bench/bench_distributed.py --device cuda --check \
+  >"$OUT/distributed_check.txt" 2>&1
+dist_rc=$?
+grep "distributed check" "$OUT/distributed_check.txt" || tail -n 20 "$OUT/distributed_check.txt"
+[ $dist_rc -eq 0 ] || tests_rc=$dist_rc
+dist_shape=(--hidden 2048 --intermediate 5632 --layers 8 --heads 16 --vocab 32000 --seq 512 --batch 8 --steps 10 --bf16)
+{ python bench/bench_distributed.py --device cuda --mode single "${dist_shape[@]}" &&
+  python -m torch.distributed.run --nproc-per-node "$ngpu" bench/bench_distributed.py --device cuda --mode fsdp \
+    "${dist_shape[@]}"; } 2>&1 | grep "^|" | tee "$OUT/bench_distributed_cuda.txt"
+# ---------------------------------------------------------------- end of the distributed section
+
 log "done (tests exit $tests_rc)"
 exit $tests_rc
