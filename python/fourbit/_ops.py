@@ -237,16 +237,20 @@ def _check_fake_quantize_args(x, scale, zero_point, quant_min, quant_max, axis, 
     if axis is not None:
         if not (x.dim() > 0 and -x.dim() <= axis < x.dim()):
             raise ValueError(f"axis must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {axis}")
-        expected = x.shape[axis]
+        expected, what = x.shape[axis], "one value per channel (x.shape[axis]) = "
     elif group_size is not None:
         if x.dim() == 0:
             raise ValueError("group_size needs x with at least one dimension, got a scalar")
         if not (group_size > 0 and x.shape[-1] % group_size == 0):
             raise ValueError(f"group_size must be positive and divide x.shape[-1] = {x.shape[-1]}, got {group_size}")
-        expected = x.numel() // group_size
+        expected, what = x.numel() // group_size, "one value per group (x.numel() / group_size) = "
     else:
-        expected = 1
-    torch._check(scale.numel() == expected, lambda: f"scale must hold {expected} values, got shape {tuple(scale.shape)}")
+        expected, what = 1, "1 value (per tensor)"
+    torch._check(
+        scale.numel() == expected,
+        lambda: f"scale must hold {what}{'' if what.endswith(')') else expected}, got shape "
+        f"{list(scale.shape)}",
+    )
     torch._check(
         zero_point.numel() == scale.numel(),
         lambda: f"zero_point must have scale's {scale.numel()} values, got shape {tuple(zero_point.shape)}",

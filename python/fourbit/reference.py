@@ -28,6 +28,7 @@ __all__ = [
     "NF4_LEVELS",
     "FP4_LEVELS",
     "MIN_ABSMAX",
+    "fake_quantize_affine",
     "MEAN_CHUNK",
     "levels",
     "create_dynamic_map",
@@ -168,3 +169,43 @@ def dequantize_absmax(
     block_of = torch.arange(qabsmax.numel(), device=qabsmax.device) // nested_blocksize
     product = nested_code[qabsmax.long()] * nested_absmax[block_of]
     return product + offset
+
+
+# ---- affine fake quantization (QAT) ----
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round half to even with a straight-through (identity) gradient."""
+    return v + (torch.round(v) - v).detach()
+
+
+def fake_quantize_affine(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """``(clamp(zp + round(x * (1 / scale)), qmin, qmax) - zp) * scale`` with the zero point rounded and clamped, in
+    float32 for 16-bit inputs (float64 for float64), PyTorch's fake-quant arithmetic. Differentiable with autograd:
+    rounding is straight-through, so the gradients are LSQ's (``dscale = round(x / s) - x / s`` inside the range,
+    ``qmin - zp`` / ``qmax - zp`` outside; ``dzero_point = -scale`` outside), the formula fourbit's backward kernel
+    implements."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    s = scale.to(compute)
+    zp = _round_ste(zero_point.to(compute)).clamp(quant_min, quant_max)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s, zp = s.reshape(shape), zp.reshape(shape)
+    elif group_size is not None:
+        xc = xc.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+        s = s.reshape(*x.shape[:-1], -1, 1)
+        zp = zp.reshape(*x.shape[:-1], -1, 1)
+    q = zp + _round_ste(xc * (1.0 / s))
+    # clamp with gradient to the bound's own terms outside the range (torch.clamp would give zp no gradient there).
+    below, above = q < quant_min, q > quant_max
+    q = torch.where(below, torch.zeros_like(q) + quant_min, torch.where(above, torch.zeros_like(q) + quant_max, q))
+    y = (q - zp) * s
+    return y.reshape(x.shape).to(x.dtype)
