@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "cpu/matmul_cpu.h"
@@ -74,6 +75,14 @@ Weight4bit check_weight(const at::Tensor& packed, const at::Tensor& absmax, int6
           sizes[0], sizes[1]};
 }
 
+// Rows of a [..., features] activation: the product of its leading sizes. (reshape({-1, features}) cannot infer it
+// when features is 0.)
+int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 void check_activation(const at::Tensor& t, const char* name, int64_t features, const char* what,
                       const at::Tensor& packed) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
@@ -130,10 +139,10 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   // Allocated in its final shape and returned as is: an op's output must not be a view (autograd forbids in-place
   // changes to views that custom functions return).
   at::Tensor out = at::empty(out_shape, x.options());
-  const at::Tensor x2 = x.reshape({-1, w.K});
-  const int64_t M = x2.size(0);
+  const int64_t M = leading_rows(x);
+  const at::Tensor x2 = x.reshape({M, w.K});
   at::Tensor y = out.view({M, w.N});
-  if (x.is_cpu() && M > 0 && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K % blocksize == 0 &&
+  if (x.is_cpu() && M > 0 && M <= cpu_gemv_max_batch(x.scalar_type()) && w.K > 0 && w.K % blocksize == 0 &&
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
@@ -165,7 +174,7 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   check_activation(grad_y, "grad_y", w.N, "out_features", packed);
   std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
   in_shape.back() = w.K;
-  const at::Tensor g = grad_y.reshape({-1, w.N}).contiguous();
+  const at::Tensor g = grad_y.reshape({leading_rows(grad_y), w.N}).contiguous();
   at::Tensor out = at::zeros(in_shape, grad_y.options());
   at::Tensor grad_x = out.view({g.size(0), w.K});
   if (g.size(0) > 0) {
@@ -207,16 +216,20 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
                                     offset, nested_blocksize);
   check_adapters(lora_A, lora_B, w);
+  // A NaN or infinite scaling would silently turn every output into NaN/inf. (A host value: no device sync.)
+  TORCH_CHECK_VALUE(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   if (lora_x.has_value()) {
     TORCH_CHECK_VALUE(lora_x->sizes() == x.sizes(), "lora_x must have x's shape ", x.sizes(), ", got ",
                       lora_x->sizes());
+    check_activation(*lora_x, "lora_x", w.K, "in_features", packed);
   }
   at::Tensor y = matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
                              offset, nested_blocksize);
   // The LoRA branch in the adapters' dtype, accumulated into the 4-bit result: y += scaling * (x_lora @ A.T) @ B.T.
-  const at::Tensor lx = lora_x.value_or(x).reshape({-1, w.K}).to(lora_A.scalar_type());
+  const int64_t M = leading_rows(x);
+  const at::Tensor lx = lora_x.value_or(x).reshape({M, w.K}).to(lora_A.scalar_type());
   const at::Tensor h = at::mm(lx, lora_A.t());
-  at::Tensor y2 = y.view({-1, w.N});
+  at::Tensor y2 = y.view({M, w.N});
   if (y.scalar_type() == lora_A.scalar_type()) {
     y2.addmm_(h, lora_B.t(), 1.0, scaling);
   } else {

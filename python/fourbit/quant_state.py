@@ -147,8 +147,9 @@ class QuantState:
     def _validate_nested_state(self) -> None:
         if not isinstance(self.absmax, torch.Tensor) or self.absmax.dtype != torch.float32 or self.absmax.dim() != 1:
             _fail(f"nested_absmax must be a 1-D float32 tensor, got {self.absmax!r}")
-        if not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize & (self.blocksize - 1):
-            _fail(f"nested_blocksize must be a positive power of two, got {self.blocksize!r}")
+        if (not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize & (self.blocksize - 1)
+                or self.blocksize > 1 << 62):  # the ops take a 64-bit integer
+            _fail(f"nested_blocksize must be a positive power of two (at most 2**62), got {self.blocksize!r}")
         if not isinstance(self.code, torch.Tensor) or self.code.dtype != torch.float32 or self.code.shape != (256,):
             _fail(f"nested_quant_map must be 256 float32 values, got {self.code!r}")
         _check_finite(self.absmax, "nested_absmax")
@@ -217,7 +218,7 @@ class QuantState:
                 _fail(f"{key} must be a 1-D uint8 tensor, got {blob.dtype} {tuple(blob.shape)}")
             try:
                 values = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 _fail(f"{key} does not hold valid UTF-8 JSON: {e}")
             if not isinstance(values, dict):
                 _fail(f"{key} must hold a JSON object, got {values!r}")
@@ -258,6 +259,13 @@ class QuantState:
             nested_offset = f["nested_offset"]
             if not isinstance(nested_offset, (int, float)) or isinstance(nested_offset, bool):
                 _fail(f"nested_offset must be a number, got {nested_offset!r}")
+            # A JSON number can be any size: it must fit in float32 (NaN and inf are reported as non-finite below).
+            try:
+                too_large = math.isfinite(nested_offset) and abs(float(nested_offset)) > _FLOAT32_MAX
+            except OverflowError:  # an integer beyond float64
+                too_large = True
+            if too_large:
+                _fail(f"nested_offset must be a finite float32 number, got {_short_repr(nested_offset)}")
             if not _is_int(f["nested_blocksize"]):
                 _fail(f"nested_blocksize must be an integer, got {f['nested_blocksize']!r}")
             nested_dtype = _parse_dtype(f.get("nested_dtype", "float32"), "nested_dtype")
@@ -325,6 +333,14 @@ class QuantState:
             f"QuantState({self.quant_type}, shape={shape}, dtype={self.dtype}, blocksize={self.blocksize}"
             f"{nested}, device={self.absmax.device})"
         )
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _short_repr(v: object, limit: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_int(v: object) -> bool:

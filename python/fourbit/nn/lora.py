@@ -86,6 +86,8 @@ class LoRALinear(nn.Module):
         magnitude per output row, initialised to the row norms of ``W + scaling * B @ A``."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian"):
