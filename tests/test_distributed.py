@@ -226,6 +226,13 @@ def _fsdp_worker(rank, tmp):
     fd.save_quantized_checkpoint(model, ckpt_path)
     dcp_path = os.path.join(tmp, "dcp")
     fd.save_checkpoint_dcp(model, dcp_path)
+    # torch.distributed.checkpoint's own state-dict API resolves bitsandbytes' keys too (what accelerate calls).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    dsd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    gathered = fd.gather_full_state_dict(model)
+    if rank == 0:
+        assert dsd.keys() == gathered.keys() and all(torch.equal(dsd[k], gathered[k]) for k in dsd)
     if rank == 0:
         assert sorted(os.listdir(adapter_path)) == ["adapter_config.json", "adapter_model.safetensors"]
         single = fourbit.quantize_model(tiny_qlora_base(), progress=False)
@@ -334,3 +341,17 @@ def test_shard_model_rejects_bad_input():
         fd.shard_model(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="mp_policy must be"):
         fd.shard_model(torch.nn.Sequential(Linear4bit(64, 8)), mp_policy="bf16")
+
+
+def test_dcp_state_dict_api_resolves_bitsandbytes_keys():
+    """torch.distributed.checkpoint's get/set_model_state_dict walk every key by getattr; bitsandbytes' keys
+    (weight.absmax, weight.quant_state.bitsandbytes__nf4, ...) must resolve, as bitsandbytes #1405 needed."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(64, 32)), torch.nn.ReLU())
+    state = get_model_state_dict(model)
+    assert state.keys() == model.state_dict().keys() and "0.weight.quant_state.bitsandbytes__nf4" in state
+    other = torch.nn.Sequential(Linear4bit(64, 32), torch.nn.ReLU())
+    set_model_state_dict(other, state)
+    x = torch.randn(2, 64)
+    assert torch.equal(other(x), model(x))

@@ -103,6 +103,16 @@ class Linear4bit(nn.Module):
                 self._parameters[name] = None if tensor is None else nn.Parameter(tensor, requires_grad=False)
         return self
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint (get_model_state_dict, used by FSDP2 / accelerate saves) resolves each
+        # state-dict key by getattr along its dots; bitsandbytes' keys (weight.absmax, ...) are not attributes of
+        # the weight tensor, so the walk through "weight" is redirected to an object that has them.
+        return {"weight": "_state_dict_key_view"}
+
+    @property
+    def _state_dict_key_view(self) -> _StateDictKeyView:
+        return _StateDictKeyView(self)
+
     @property
     def quant_state(self) -> QuantState:
         """The QuantState of the current tensors (built on each access, never cached)."""
@@ -224,6 +234,24 @@ class Linear4bit(nn.Module):
             for key in state_dict:
                 if key.startswith(prefix) and key not in known and "." not in key[len(prefix) :]:
                     unexpected_keys.append(key)
+
+
+class _StateDictKeyView:
+    """``weight``, ``weight.absmax``, ... ``weight.quant_state.bitsandbytes__<type>`` as attributes of one object:
+    what torch.distributed.checkpoint's key resolution walks for a Linear4bit (see ``Linear4bit._fqn_modifiers``)."""
+
+    def __init__(self, layer: Linear4bit) -> None:
+        self.weight = self
+        self.absmax = layer.weight_absmax
+        self.quant_map = layer.weight_quant_map
+        self.nested_absmax = layer.weight_nested_absmax
+        self.nested_quant_map = layer.weight_nested_quant_map
+        self.quant_state = self
+
+    def __getattr__(self, name: str):
+        if name.startswith("bitsandbytes__"):
+            return self
+        raise AttributeError(name)
 
 
 def _int_type(dtype: torch.dtype) -> torch.dtype:
