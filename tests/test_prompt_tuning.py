@@ -124,6 +124,16 @@ def test_inputs_embeds_and_position_ids_paths_agree():
     torch.testing.assert_close(no_mask, plain)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decoding_step_with_a_cache_does_not_prepend_the_prompt_again(arch):
+    model = fourbit.add_prompt_tuning(MODELS[arch](), N, init="sample_vocab")
+    with torch.no_grad():
+        full = model(input_ids=IDS).logits
+        first = model(input_ids=IDS[:, :5], use_cache=True)
+        step = model(input_ids=IDS[:, 5:], cache=first.cache, attention_mask=torch.ones_like(IDS))
+    torch.testing.assert_close(step.logits, full[:, -2:])
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _train(model, steps=6, lr=0.1):
     params = [p for p in model.parameters() if p.requires_grad]

@@ -310,10 +310,9 @@ def delete_bottleneck_adapter(model: nn.Module, adapter_name: str) -> None:
         slot.active = [a for a in slot.active if a != adapter_name]
         if not len(slot):
             model.get_submodule(path)._forward_hooks.pop(slot.hook_id, None)
-            for owner in model.modules():
-                for attr, child in list(owner._modules.items()):
-                    if child is slot:
-                        del owner._modules[attr]
+            owners = [(m, attr) for m in model.modules() for attr, child in m._modules.items() if child is slot]
+            for owner, attr in owners:
+                del owner._modules[attr]
     del _configs(model)[adapter_name]
 
 

@@ -128,8 +128,9 @@ class PromptTunedModel(nn.Module):
     attention mask is extended. Attributes the wrapper lacks (``config``, ``device``, ...) are the base model's.
 
     ``generate(input_ids=..., attention_mask=None, **kwargs)`` runs the base model's ``generate`` on the prompted
-    embeddings and returns ``input_ids`` followed by the new tokens, as ``PeftModel.generate`` does.
-    """
+    embeddings and returns ``input_ids`` followed by the new tokens, as ``PeftModel.generate`` does (given
+    ``inputs_embeds`` instead, the new tokens only, as transformers does). Repetition penalties see only the new
+    tokens (transformers' limit for inputs given as embeddings)."""
 
     def __init__(self, model: nn.Module, prompt: PromptTuning) -> None:
         super().__init__()
