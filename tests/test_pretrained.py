@@ -10,7 +10,8 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)  # fmt: skip
 
 import fourbit
 from fourbit.nn import Linear4bit
@@ -113,6 +114,40 @@ def test_tied_lm_head_quantized_and_bf16(dense_dir):
     assert torch.equal(_logits(ours), _logits(expected))
 
 
+_PEAK_CHILD = """
+import sys, torch, fourbit
+torch.set_num_threads(2)
+fourbit.from_pretrained(sys.argv[1], progress=False)  # warm-up: code pages, thread pools, allocator arenas
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = status("VmRSS:")
+model = fourbit.from_pretrained(sys.argv[2], progress=False)
+print(status("VmHWM:") - before)
+"""
+
+
+def test_peak_memory_near_the_4bit_size(tmp_path):
+    # Peak RSS growth of a fresh process loading a ~20M-parameter fp32 checkpoint (80 MB in one file). Quantized as it
+    # is read, the model is ~13 MB; holding the dense model, or the file's pages while it stays open, costs 80 MB.
+    import subprocess
+    import sys
+
+    for name, layers, hidden in (("warm", 1, 64), ("model", 6, 512)):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=3 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                             num_key_value_heads=hidden // 64)  # fmt: skip
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / "warm"), str(tmp_path / "model")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 0.35 * dense_bytes, (peak, dense_bytes)
+
+
 # ---------------------------------------------------------------------------------------------------------- bnb -> us
 def test_reads_transformers_bitsandbytes_checkpoint(dense_dir, bnb_dir):
     ours = fourbit.from_pretrained(bnb_dir, progress=False)
@@ -149,7 +184,8 @@ def test_saved_checkpoint_loads_in_transformers_bitsandbytes(dense_dir, tmp_path
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     reference = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"]).to_dict()  # fmt: skip
+                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])  # fmt: skip
+    reference = reference.to_dict()
     assert qc == json.loads(json.dumps(reference))
     theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     files = _shards(out)
@@ -242,7 +278,7 @@ def test_pickle_only_refused(dense_dir, tmp_path):
     bad.mkdir()
     shutil.copy(dense_dir / "config.json", bad / "config.json")
     torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")  # never unpickled by fourbit
-    with pytest.raises(ValueError, match=r"pickle weights only \(\['pytorch_model.bin'\]\); fourbit loads safetensors only"):
+    with pytest.raises(ValueError, match=r"pickle weights only \(\['pytorch_model.bin'\]\); fourbit loads safetensors"):
         fourbit.from_pretrained(bad, progress=False)
     (bad / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
@@ -276,7 +312,8 @@ def test_absmax_of_wrong_length(bnb_dir, tmp_path):
 def test_nan_absmax(bnb_dir, tmp_path):
     bad = _copy(bnb_dir, tmp_path)
     layer = _first_4bit_layer(bad)
-    key = f"{layer}.weight.nested_absmax" if f"{layer}.weight.nested_absmax" in _shards(bad) else f"{layer}.weight.absmax"
+    nested = f"{layer}.weight.nested_absmax" in _shards(bad)
+    key = f"{layer}.weight.nested_absmax" if nested else f"{layer}.weight.absmax"
 
     def poison(tensors):
         tensors[key] = tensors[key].clone()

@@ -73,7 +73,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         return [folder / name for name in shards], weight_map
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS], None
-    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(_PICKLE_SUFFIXES) or p.name.endswith(".bin.index.json"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith((*_PICKLE_SUFFIXES, ".bin.index.json")))
     if pickles:
         raise ValueError(
             f"{str(folder)!r} holds pickle weights only ({pickles}); fourbit loads safetensors only, because "
@@ -122,7 +122,7 @@ def _bnb_4bit_config(config_dict: dict) -> dict | None:
             "bitsandbytes 4-bit ones"
         )
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        raise ValueError("config.json: this is a bitsandbytes 8-bit (LLM.int8) checkpoint; fourbit reads 4-bit ones only")
+        raise ValueError("config.json: a bitsandbytes 8-bit (LLM.int8) checkpoint; fourbit reads 4-bit ones only")
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise ValueError(f"config.json: quantization_config is bitsandbytes but not 4-bit: {qc!r}")
     return qc
@@ -167,6 +167,12 @@ def _build_model(folder: Path):
         else:
             model = transformers.AutoModelForCausalLM.from_config(config)
     return model
+
+
+def _piece_owner(key: str, layer_names) -> str | None:
+    """The 4-bit layer of which ``key`` is the packed weight or a quantization-state tensor, or None."""
+    owner = key.rpartition(_QUANT_PIECE)[0] if _QUANT_PIECE in key else key.removesuffix(".weight")
+    return owner if owner in layer_names and (_QUANT_PIECE in key or key == owner + ".weight") else None
 
 
 def _stored_quantized(where: dict) -> set[str]:
@@ -227,10 +233,8 @@ def from_pretrained(
     skip = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules)
 
     folder = _io.resolve_folder(path, CONFIG)
-    config_dict = _io.read_json(folder / CONFIG)
-    bnb_config = _bnb_4bit_config(config_dict)
-    files, weight_map = _weight_files(folder)
-    where = _read_headers(files, weight_map)
+    bnb_config = _bnb_4bit_config(_io.read_json(folder / CONFIG))
+    where = _read_headers(*_weight_files(folder))
     stored_4bit = _stored_quantized(where)
     if bnb_config is not None and not stored_4bit:
         raise ValueError(f"{str(folder)!r}: config.json says 4-bit (bitsandbytes) but no tensor is stored in 4 bits")
@@ -238,94 +242,66 @@ def from_pretrained(
 
     model = _build_model(folder)
     tied = {name: names for names in _tied_names(model) for name in names}  # a shared parameter's names
-
     layers: dict[str, Linear4bit] = {}
-    transposed: set[str] = set()
+    transposed: set[str] = set()  # Conv1D layers, whose dense weight is stored [in, out]
     for name, module in list(_candidate_linears(model)):
-        quantize = name in stored_4bit if prequantized else not _name_matches(name, skip)
-        if quantize:
-            layers[name] = _placeholder(module, quant_type, blocksize, compress_statistics, compute_dtype, quant_storage)
+        if name in stored_4bit if prequantized else not _name_matches(name, skip):
+            layers[name] = _placeholder(module, quant_type, blocksize, compress_statistics, compute_dtype,
+                                        quant_storage)  # fmt: skip
             if _is_conv1d(module) and not prequantized:
                 transposed.add(name)
             _set_module(model, name, layers[name])
-    unknown = stored_4bit - set(layers)
-    if unknown:
+    if stored_4bit - set(layers):
         raise ValueError(f"{str(folder)!r} holds 4-bit tensors for modules that are not linear layers of "
-                         f"{type(model).__name__}: {sorted(unknown)[:5]}")  # fmt: skip
-
-    # Every tensor the model stores, by name: (module, attribute); quantized weights apart.
-    slots: dict[str, tuple[nn.Module, str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        prefix = mname + "." if mname else ""
-        for pname, p in module._parameters.items():
-            if p is not None and not (isinstance(module, Linear4bit) and pname == "weight"):
-                slots[prefix + pname] = (module, pname)
-        for bname, b in module._buffers.items():
-            if b is not None and bname not in module._non_persistent_buffers_set and not isinstance(module, Linear4bit):
-                slots[prefix + bname] = (module, bname)
-    quant_weights = {f"{name}.weight": name for name in layers}
-    pieces_of = {name: {k for k in where if k == f"{name}.weight" or k.startswith(f"{name}{_QUANT_PIECE}")}
-                 for name in layers} if prequantized else {}  # fmt: skip
-    piece_owner = {k: name for name, keys in pieces_of.items() for k in keys}
-
-    # Check names and shapes against the headers before reading any data.
-    missing = [n for n in [*slots, *quant_weights] if not any(t in where for t in tied.get(n, [n]))]
-    if missing:
-        raise ValueError(f"{str(folder)!r} lacks tensors the model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    unexpected = [k for k in where if k not in slots and k not in quant_weights and k not in piece_owner]
-    skipped = {k for k in unexpected if any(p.search(k) for p in ignore)}
-    if len(skipped) < len(unexpected):
-        warnings.warn(f"{str(folder)!r}: ignoring tensors the model does not have: "
-                      f"{sorted(set(unexpected) - skipped)[:8]}", stacklevel=2)  # fmt: skip
-    for key, (file, shape) in where.items():
-        if key in slots:
-            module, attr = slots[key]
-            expected = tuple(getattr(module, attr).shape)
-        elif key in quant_weights and not prequantized:
-            layer = layers[quant_weights[key]]
-            expected = (layer.in_features, layer.out_features) if quant_weights[key] in transposed else (
-                layer.out_features, layer.in_features)  # fmt: skip
-        else:
-            continue
-        if shape != expected:
-            raise ValueError(f"{file.name}: tensor {key!r} has shape {shape}, the model expects {expected}")
+                         f"{type(model).__name__}: {sorted(stored_4bit - set(layers))[:5]}")  # fmt: skip
+    slots = _tensor_slots(model)
+    # dense path: <layer>.weight -> layer; 4-bit checkpoints: each stored piece of a 4-bit layer -> the layer
+    quant_weights = {} if prequantized else {f"{name}.weight": name for name in layers}
+    piece_owner = {k: _piece_owner(k, layers) for k in where if prequantized and _piece_owner(k, layers)}
+    piece_counts = Counter(piece_owner.values())
+    _check_names_and_shapes(folder, model, where, slots, tied, layers, quant_weights, piece_owner, transposed)
 
     def place(key: str, tensor: torch.Tensor) -> None:
         if key in piece_owner:
             name = piece_owner[key]
-            pending.setdefault(name, {})[key[len(name) + len(".weight") + 1 :] if key != f"{name}.weight" else ""] = tensor
-            if len(pending[name]) == len(pieces_of[name]):
+            piece = key[len(name) + len(_QUANT_PIECE) :] if key != f"{name}.weight" else ""
+            pending.setdefault(name, {})[piece] = tensor.clone()  # small (4-bit); its own memory, not the file's
+            if len(pending[name]) == piece_counts[name]:
                 _load_4bit(name, layers[name], pending.pop(name), device)
             return
         shared = None
         for target in tied.get(key, [key]):
-            if target in quant_weights and not prequantized:
+            if target in quant_weights:
                 name = quant_weights[target]
-                _quantize_into(target, layers[name], tensor, name in transposed, torch_dtype, compress_statistics, device)
+                _quantize_into(target, layers[name], tensor, name in transposed, torch_dtype, compress_statistics,
+                               device)  # fmt: skip
             elif target in slots:
                 module, attr = slots[target]
-                if attr in module._parameters:
-                    if shared is None:
-                        value = tensor.to(torch_dtype) if torch_dtype is not None and tensor.is_floating_point() else tensor
-                        old = module._parameters[attr]
-                        shared = nn.Parameter(value.to(device), requires_grad=old.requires_grad and value.is_floating_point())
-                    module._parameters[attr] = shared
-                else:
+                if attr in module._buffers:
                     with torch.no_grad():
                         module._buffers[attr].copy_(tensor)
+                    continue
+                if shared is None:  # one Parameter for all the names of a tied one
+                    dtype = torch_dtype if torch_dtype is not None and tensor.is_floating_point() else tensor.dtype
+                    value = tensor.to(device=device, dtype=dtype, copy=True)  # a copy: never the file mapping
+                    requires_grad = module._parameters[attr].requires_grad and value.is_floating_point()
+                    shared = nn.Parameter(value, requires_grad=requires_grad)
+                module._parameters[attr] = shared
 
     from safetensors import safe_open
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    bar = _bar(len(where), "loading", progress)
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key in slots or key in quant_weights or key in piece_owner:
-                    place(key, f.get_tensor(key))  # one dense tensor alive at a time
-                if bar is not None:
-                    bar.update(1)
+    wanted = [k for k in where if k in slots or k in quant_weights or k in piece_owner]
+    bar = _bar(len(wanted), "loading", progress)
+    for key in wanted:  # the headers' order: shard by shard
+        # safetensors hands out tensors backed by a mapping of the whole file, and every page read stays resident
+        # while the file is open: opening it for each tensor (a header parse) keeps one tensor's pages at a time.
+        with safe_open(str(where[key][0]), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(key)
+        place(key, tensor)
+        del tensor
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -335,15 +311,59 @@ def from_pretrained(
         model.to(device)  # the buffers computed at construction
     if torch_dtype is not None and hasattr(model.config, "dtype"):
         model.config.dtype = torch_dtype
-    quantized = list(layers.values())
-    if quantized:
-        first = quantized[0]
+    if layers:  # what quantize_model records
+        first = next(iter(layers.values()))
         model.config.fourbit_quantization = dict(
             quant_type=first.quant_type, blocksize=first.blocksize,
             compress_statistics=first.weight_nested_absmax is not None,
             skip_modules=sorted(n for n, m in _candidate_linears(model) if not isinstance(m, Linear4bit)),
         )  # fmt: skip
     return model.eval()
+
+
+def _tensor_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Every tensor the model stores in a checkpoint, by name -> (module, attribute); 4-bit weights apart."""
+    slots = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        prefix = mname + "." if mname else ""
+        for pname, p in module._parameters.items():
+            if p is not None and not (isinstance(module, Linear4bit) and pname == "weight"):
+                slots[prefix + pname] = (module, pname)
+        if isinstance(module, Linear4bit):
+            continue
+        for bname, b in module._buffers.items():
+            if b is not None and bname not in module._non_persistent_buffers_set:
+                slots[prefix + bname] = (module, bname)
+    return slots
+
+
+def _check_names_and_shapes(folder, model, where, slots, tied, layers, quant_weights, piece_owner, transposed) -> None:
+    """Missing tensors and wrong shapes are errors, found from the headers before any data is read; tensors the
+    model does not have are ignored with a warning (transformers' own ignore list silently)."""
+    needed = [*slots, *quant_weights, *(f"{name}.weight" for name in set(piece_owner.values()))]
+    missing = [n for n in needed if not any(t in where for t in tied.get(n, [n]))]
+    if missing:
+        more = " ..." if len(missing) > 8 else ""
+        raise ValueError(f"{str(folder)!r} lacks tensors the model needs: {missing[:8]}{more}")
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = [k for k in where if k not in slots and k not in quant_weights and k not in piece_owner
+                  and not any(p.search(k) for p in ignore)]  # fmt: skip
+    if unexpected:
+        warnings.warn(f"{str(folder)!r}: ignoring tensors the model does not have: {sorted(unexpected)[:8]}",
+                      stacklevel=3)  # fmt: skip
+    for key, (file, shape) in where.items():
+        if key in slots:
+            module, attr = slots[key]
+            expected = tuple(getattr(module, attr).shape)
+        elif key in quant_weights:
+            layer = layers[quant_weights[key]]
+            expected = (layer.out_features, layer.in_features)
+            if quant_weights[key] in transposed:
+                expected = expected[::-1]
+        else:
+            continue  # 4-bit pieces: checked against their quantization state when loaded
+        if shape != expected:
+            raise ValueError(f"{file.name}: tensor {key!r} has shape {shape}, the model expects {expected}")
 
 
 def _quantize_into(key: str, layer: Linear4bit, weight: torch.Tensor, transposed: bool, torch_dtype,
@@ -395,7 +415,7 @@ def _parse_size(size: int | str) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", size, re.IGNORECASE)
         if m and float(m.group(1)) > 0:
             return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]))
-    raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB' / '500MiB', got {size!r}")
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
 
 
 def _checkpoint_tensors(model: nn.Module, base_only: bool) -> dict[str, torch.Tensor]:
@@ -492,7 +512,8 @@ def quantization_config(model: nn.Module) -> dict:
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False,
         "bnb_4bit_quant_type": common([layer.quant_type for layer in layers], "quant types"),
-        "bnb_4bit_use_double_quant": common([layer.weight_nested_absmax is not None for layer in layers], "double quantization settings"),
+        "bnb_4bit_use_double_quant": common([layer.weight_nested_absmax is not None for layer in layers],
+                                            "double quantization settings"),
         "bnb_4bit_compute_dtype": _dtype_name(compute),
         "bnb_4bit_quant_storage": _dtype_name(common([layer.weight.dtype for layer in layers], "storage dtypes")),
         "load_in_4bit": True,
@@ -505,9 +526,7 @@ def _shards(tensors: dict[str, torch.Tensor], layer_names: set[str], limit: int)
     packed weight and quantization-state tensors always share a shard."""
     units: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        owner = key.rpartition(_QUANT_PIECE)[0] if _QUANT_PIECE in key else key.removesuffix(".weight")
-        unit = owner if owner in layer_names and (key.startswith(owner + _QUANT_PIECE) or key == owner + ".weight") else key
-        units.setdefault(unit, {})[key] = value
+        units.setdefault(_piece_owner(key, layer_names) or key, {})[key] = value
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for unit in units.values():
@@ -551,7 +570,9 @@ def save_pretrained(model: nn.Module, path: str, max_shard_size: int | str = "5G
     else:
         config_dict["torch_dtype"] = _dtype_name(dtype)
     generation = getattr(model, "generation_config", None)
-    generation_json = generation.to_json_string(use_diff=True) if callable(getattr(generation, "to_json_string", None)) else None
+    generation_json = None
+    if callable(getattr(generation, "to_json_string", None)):
+        generation_json = generation.to_json_string(use_diff=True)
 
     # safetensors refuses two entries sharing memory: copy the (small) tensors that do, e.g. a shared codebook.
     seen: set[tuple] = set()
