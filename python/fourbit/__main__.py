@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Command line: ``python -m fourbit info | bench``."""
+"""Command line: ``python -m fourbit info | demo | bench``."""
 
 from __future__ import annotations
 
@@ -64,10 +64,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fourbit import demo
+
+    try:
+        config = demo.config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo.run_demo(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fourbit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, CUDA kernels and CPU instruction set").set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="a short QLoRA fine-tune of a small model, against an unquantized base")
+    from fourbit.demo import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="kernel benchmarks against the installed peers")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the spec's method)")
