@@ -8,13 +8,15 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters only, along dim
 ``MixedPrecisionPolicy`` casts every floating-point parameter of a group to ``param_dtype``. :func:`shard_model`
 arranges the groups so that:
 
-- each quantized unit (a :class:`~fourbit.nn.LoRALinear` over a :class:`~fourbit.nn.Linear4bit`, or a bare
-  ``Linear4bit``) is its own FSDP group, holding the packed weight and the per-block scales, which are turned into
+- with a casting policy, each quantized unit (a :class:`~fourbit.nn.LoRALinear` over a
+  :class:`~fourbit.nn.Linear4bit`, or a bare ``Linear4bit``) is its own FSDP group (without one, it shares its
+  decoder block's group), holding the packed weight and the per-block scales, which are turned into
   frozen Parameters (:meth:`Linear4bit.scales_as_parameters`) so that they are sharded too. Each rank stores about
   1/world of them, and the all-gather before compute moves the packed bytes (4 bits per weight) and the scales in
   their own dtypes, never a dequantized copy.
 - those groups get a policy with ``param_dtype=None``: mixed precision never casts the packed data or the scales
-  (a bf16 ``quant_storage`` view would otherwise be rounded, and bf16 absmax would change every weight). The
+  (a cast would turn the fp32 absmax into bf16, changing every weight, and convert a ``quant_storage`` view of
+  another float dtype, destroying its bit patterns). The
   adapters of the unit run in their own dtype, as PEFT keeps them (fp32 adapters with bf16 activations); gradient
   reduction follows ``mp_policy.reduce_dtype``.
 - the rest of each decoder block, and the root (embeddings, norms, ``lm_head``), get ``mp_policy`` as given.
@@ -26,7 +28,8 @@ run.
 Saving: :func:`save_adapter_distributed` gathers the (sharded) adapter and writes it once, in PEFT's format;
 :func:`save_quantized_checkpoint` gathers the full model state dict (bitsandbytes' keys for the 4-bit layers) and
 writes one safetensors file; :func:`save_checkpoint_dcp` / :func:`load_checkpoint_dcp` write and read a sharded
-``torch.distributed.checkpoint`` (each rank writes its own shards; loading is in place, into any world size).
+``torch.distributed.checkpoint`` (each rank writes its own shards; loading is in place). ``Linear4bit`` also lets
+DCP's own ``get_model_state_dict`` / ``set_model_state_dict`` resolve bitsandbytes' keys.
 
 Everything here is device-agnostic: the same code runs on gloo (CPU) and NCCL (GPU).
 """
@@ -151,9 +154,10 @@ def shard_model(
 ) -> nn.Module:
     """Applies FSDP2 ``fully_shard`` to a 4-bit (QLoRA) model, in place, and returns it.
 
-    Groups, innermost first: every quantized unit (see :func:`quantized_units`; its scales become frozen Parameters
-    so they are sharded with the packed weight) with a policy that casts nothing, then every decoder block (see
-    ``block_classes``) and the root with ``mp_policy``. Each rank then stores about 1/world of the packed weights,
+    Groups, innermost first: when ``mp_policy`` casts parameters (``param_dtype`` set), every quantized unit (see
+    :func:`quantized_units`) with a policy that casts nothing; then every decoder block (see ``block_classes``) and
+    the root with ``mp_policy``. Without casting, the quantized units share their block's group (fewer
+    collectives). In every case the scales become frozen Parameters, sharded with the packed weight. Each rank then stores about 1/world of the packed weights,
     scales and adapters; the packed bytes are all-gathered as they are for each unit's forward and backward.
 
     Args:
@@ -181,12 +185,16 @@ def shard_model(
     units = quantized_units(model)
     if not units:
         raise ValueError("model has no Linear4bit layers: quantize_model(model) before shard_model")
+    # Own groups for the quantized units only when the policy casts parameters: otherwise they share their block's
+    # group, which needs fewer (and larger) collectives.
+    separate = mp_policy is not None and mp_policy.param_dtype is not None
     for unit in units.values():
         base = unit.base_layer if isinstance(unit, LoRALinear) else unit
         base.scales_as_parameters()
-        fully_shard(unit, mp_policy=_quant_policy(mp_policy), reshard_after_forward=reshard_after_forward, **kwargs)
+        if separate:
+            fully_shard(unit, mp_policy=_quant_policy(mp_policy), reshard_after_forward=reshard_after_forward, **kwargs)
     policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
-    unit_ids = {id(u) for u in units.values()}
+    unit_ids = {id(u) for u in units.values()} if separate else set()
     for block in _decoder_blocks(model, block_classes):
         if block is not model and id(block) not in unit_ids:
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward, **kwargs)
@@ -309,7 +317,7 @@ def save_checkpoint_dcp(model: nn.Module, path: str | os.PathLike, optimizer: to
 
 def load_checkpoint_dcp(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Reads a checkpoint written by :func:`save_checkpoint_dcp` into ``model`` (and ``optimizer``) in place; the
-    model must be quantized (and adapted, and sharded or not, on any world size) the same way as the saved one.
+    model must be quantized and adapted the same way as the saved one (its tensors have the saved shapes).
     A collective; returns the model."""
     import torch.distributed.checkpoint as dcp
 
