@@ -26,7 +26,7 @@ from .nn.lora import LoRALinear, _is_conv1d
 
 __all__ = [
     "quantize_model", "add_lora", "lora_layers", "set_adapter", "delete_adapter", "disable_adapters",
-    "per_row_adapters", "active_adapters", "merge_lora", "unmerge_lora", "save_adapter", "load_adapter", "adapter_state_dict",
+    "per_row_adapters", "active_adapters", "merge_lora", "unmerge_lora", "save_adapter", "load_adapter", "load_adapter_weights", "adapter_state_dict",
     "prepare_for_kbit_training", "trainable_parameters",
 ]  # fmt: skip
 
@@ -457,26 +457,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
     add_lora(model, config, adapter_name)
     try:
-        expected = _adapter_tensors(model, adapter_name)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter {str(folder)!r} does not match its config on this model: "
-                f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        for key, param in expected.items():
-            value = tensors[key]
-            if value.shape != param.shape:
-                raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
-            if not value.is_floating_point():
-                raise ValueError(f"adapter tensor {key} has dtype {value.dtype}; expected a floating-point tensor")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"adapter tensor {key} contains NaN or inf")
-        with torch.no_grad():
-            for key, param in expected.items():
-                param.copy_(tensors[key])
+        expected = _copy_adapter_tensors(model, adapter_name, tensors, folder)
     except Exception:
         _undo_add(model, adapter_name, snapshot)
         raise
@@ -484,6 +465,42 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
         for param in expected.values():
             param.requires_grad_(False)
     return model
+
+
+def load_adapter_weights(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
+    """Loads the tensors of an adapter folder into the model's existing adapter ``adapter_name`` (e.g. to resume
+    training from a checkpoint); the folder must match the adapter's layers and shapes exactly."""
+    _require_adapter(model, [adapter_name])
+    folder = _io.resolve_folder(path, ADAPTER_WEIGHTS)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    tensors = _io.read_safetensors(folder / ADAPTER_WEIGHTS, device)
+    _copy_adapter_tensors(model, adapter_name, {k if k.startswith(_PREFIX) else _PREFIX + k: v for k, v in tensors.items()}, folder)
+    return model
+
+
+def _copy_adapter_tensors(model, adapter_name, tensors, folder) -> dict[str, nn.Parameter]:
+    """Checks every tensor against the adapter's parameters (names, shapes, dtype, finite), then copies them."""
+    expected = _adapter_tensors(model, adapter_name)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {str(folder)!r} does not match its config on this model: "
+            f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, param in expected.items():
+        value = tensors[key]
+        if value.shape != param.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"adapter tensor {key} has dtype {value.dtype}; expected a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapter tensor {key} contains NaN or inf")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+    return expected
 
 
 def _undo_add(model: nn.Module, adapter_name: str, snapshot: dict[str, bool]) -> None:
