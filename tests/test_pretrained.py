@@ -178,13 +178,15 @@ def test_load_state_dict_of_bitsandbytes_model(dense_dir, bnb_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------- us -> bnb
-def test_saved_checkpoint_loads_in_transformers_bitsandbytes(dense_dir, tmp_path):
-    ours = fourbit.from_pretrained(dense_dir, progress=False)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+def test_saved_checkpoint_loads_in_transformers_bitsandbytes(dense_dir, tmp_path, storage):
+    ours = fourbit.from_pretrained(dense_dir, quant_storage=storage, progress=False)
     out = fourbit.save_pretrained(ours, tmp_path / "q", max_shard_size="40KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     reference = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])  # fmt: skip
+                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"],
+                                   bnb_4bit_quant_storage=storage)  # fmt: skip
     reference = reference.to_dict()
     assert qc == json.loads(json.dumps(reference))
     theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
@@ -192,7 +194,8 @@ def test_saved_checkpoint_loads_in_transformers_bitsandbytes(dense_dir, tmp_path
     for name, layer in ours.named_modules():
         if isinstance(layer, Linear4bit):
             assert type(theirs.get_submodule(name)).__name__ == "Linear4bit"
-            assert torch.equal(files[f"{name}.weight"], layer.weight)  # loaded as stored by both
+            assert files[f"{name}.weight"].dtype == storage
+            assert torch.equal(_bytes(files[f"{name}.weight"]), _bytes(layer.weight))  # loaded as stored by both
     assert "lm_head.weight" not in files  # tied: stored once, as transformers does
     torch.testing.assert_close(_bnb_logits(theirs), _logits(ours), rtol=1e-5, atol=1e-5)
     again = fourbit.from_pretrained(out, progress=False)
