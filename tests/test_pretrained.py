@@ -268,9 +268,13 @@ def _first_4bit_layer(folder):
     return next(k for k in _shards(folder) if k.endswith(".weight.absmax")).removesuffix(".weight.absmax")
 
 
-def test_missing_shard(bnb_dir, tmp_path):
+def test_missing_or_truncated_shard(bnb_dir, tmp_path):
     bad = _copy(bnb_dir, tmp_path)
     victim = sorted(bad.glob("model-*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=rf"{victim.name}' is not a readable safetensors file"):
+        fourbit.from_pretrained(bad, progress=False)
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=victim.name):
         fourbit.from_pretrained(bad, progress=False)

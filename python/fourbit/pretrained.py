@@ -176,8 +176,11 @@ def _piece_owner(key: str, layer_names) -> str | None:
 
 
 def _stored_quantized(where: dict) -> set[str]:
-    """Module paths whose weight is stored in bitsandbytes' 4-bit form (``<path>.weight.absmax`` etc. present)."""
-    return {key.rpartition(_QUANT_PIECE)[0] for key in where if _QUANT_PIECE in key}
+    """Module paths whose weight is stored in bitsandbytes' 4-bit form: ``<path>.weight.absmax`` or
+    ``<path>.weight.quant_state.bitsandbytes__nf4|fp4`` present (other ``.weight.`` names, such as weight-norm
+    parametrizations, are not 4-bit)."""
+    return {key.rpartition(_QUANT_PIECE)[0] for key in where
+            if re.search(r"\.weight\.(absmax|quant_state\.bitsandbytes__[a-z0-9]+)$", key)}  # fmt: skip
 
 
 def _placeholder(module: nn.Module, quant_type: str, blocksize: int, compress_statistics: bool, compute_dtype,
