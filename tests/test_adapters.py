@@ -14,6 +14,7 @@ from torch import nn
 
 import fourbit
 from fourbit.nn import BottleneckAdapter, Linear4bit
+from conftest import requires_gpu
 
 transformers.logging.set_verbosity_error()
 
@@ -413,3 +414,15 @@ def test_bad_files_are_refused_and_leave_the_model_unchanged(tmp_path):
     expect("format_version", config={"format_version": 99})
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         fourbit.load_bottleneck_adapters(copy.deepcopy(base), tmp_path)
+
+
+@requires_gpu
+def test_cuda_4bit_model_with_adapters():
+    base = fourbit.quantize_model(tiny_llama().cuda(), progress=False)
+    ids = IDS.cuda()
+    reference = logits(base, ids)
+    model = fourbit.add_bottleneck_adapters(base, placement="houlsby")
+    assert all(p.is_cuda for n, p in model.named_parameters() if ".bottleneck_adapters." in n)
+    assert torch.equal(logits(model, ids), reference)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

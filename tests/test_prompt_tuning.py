@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import fourbit
 from fourbit.nn import PromptTunedModel, PromptTuning
+from conftest import requires_gpu
 
 transformers.logging.set_verbosity_error()
 
@@ -301,3 +302,14 @@ def test_bad_files_give_clear_errors(tmp_path):
     same = fourbit.load_prompt_tuning(other, tmp_path / "good", is_trainable=True)
     assert same is other and torch.equal(other.prompt_encoder.embedding.weight, model.prompt_encoder.embedding.weight)
     assert other.prompt_encoder.embedding.weight.requires_grad
+
+
+@requires_gpu
+def test_cuda_4bit_model_with_a_prompt():
+    model = fourbit.add_prompt_tuning(fourbit.quantize_model(tiny_llama().cuda(), progress=False), N, init="sample_vocab")
+    assert model.prompt_encoder.embedding.weight.is_cuda
+    ids = IDS.cuda()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.prompt_encoder.embedding.weight.grad.abs().sum() > 0
+    out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7 + 2) and torch.equal(out[:, :7], ids)
