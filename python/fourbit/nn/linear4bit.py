@@ -201,6 +201,8 @@ class Linear4bit(nn.Module):
         quant_keys = {k: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
+        elif not isinstance(state_dict[weight_key], torch.Tensor):
+            error_msgs.append(f"{weight_key}: must be a tensor, got {type(state_dict[weight_key]).__name__}")
         elif not quant_keys:
             error_msgs.append(f"{weight_key}: no quantization state (keys {weight_key}.absmax, ...) in the state dict")
         else:
@@ -222,7 +224,9 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             if bias_key in state_dict:
                 bias = state_dict[bias_key]
-                if bias.shape != self.bias.shape:
+                if not isinstance(bias, torch.Tensor):
+                    error_msgs.append(f"{bias_key}: must be a tensor, got {type(bias).__name__}")
+                elif bias.shape != self.bias.shape:
                     error_msgs.append(f"{bias_key}: shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}")
                 else:
                     with torch.no_grad():
