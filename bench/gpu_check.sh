@@ -23,6 +23,13 @@ python -m pytest tests/test_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.l
 tests_rc=$?
 tail -n 3 "$OUT/test_cuda.log"
 
+log "QAT CUDA tests (fake_quantize / fake_quantize_4bit / LinearInt against the CPU kernels)"
+python -m pytest tests/test_fake_quant.py tests/test_linear_int.py tests/test_qat.py -q -p no:cacheprovider \
+  -k "cuda" >"$OUT/test_qat_cuda.log" 2>&1
+qat_rc=$?
+tail -n 3 "$OUT/test_qat_cuda.log"
+[ $tests_rc -eq 0 ] && tests_rc=$qat_rc
+
 if command -v compute-sanitizer >/dev/null 2>&1; then
   log "compute-sanitizer memcheck on a small case"
   compute-sanitizer --tool memcheck --error-exitcode 3 python -c "
@@ -32,6 +39,10 @@ for n in (1, 63, 4097):
     for nested in (False, True):
         p, s = fourbit.quantize_4bit(x, 64, compress_statistics=nested)
         fourbit.dequantize_4bit(p, s, torch.bfloat16)
+        fourbit.fake_quantize_4bit(x.bfloat16(), 'nf4', 64, nested)
+    xg = torch.randn(n, 32, device='cuda', requires_grad=True)
+    sc = torch.rand(n, 1, device='cuda', requires_grad=True)
+    fourbit.fake_quantize(xg, sc, torch.zeros(n, 1, device='cuda'), -8, 7, group_size=32).sum().backward()
 torch.cuda.synchronize()
 print('memcheck workload done')" >"$OUT/sanitizer.log" 2>&1
   echo "compute-sanitizer exit: $?" | tee -a "$OUT/sanitizer.log"
@@ -54,6 +65,9 @@ res = benchmark.run_cases(cases, dev, repeats=11)
 print(f"copy bandwidth: {res[0].gbps:.0f} GB/s; bf16 matmul: {2 * 8192**3 / (res[1].fourbit_ms * 1e-3) / 1e12:.0f} TFLOP/s")
 PY
 python -m fourbit bench --device cuda --suite quant --json "$OUT/bench_quant_cuda.json" >"$OUT/bench_quant_cuda.txt" 2>&1
+log "QAT kernels against torch's fake-quant ops and quantize+dequantize composed (4096 x 4096)"
+python -m fourbit bench --device cuda --suite qat --json "$OUT/bench_qat_cuda.json" >"$OUT/bench_qat_cuda.txt" 2>&1
+tail -n 16 "$OUT/bench_qat_cuda.txt"
 log "matmul_4bit batch 1 on 4096 x 14336 bf16 against cuBLAS (the spec's target: >= 3.0x)"
 python - <<'PY' 2>&1 | tee "$OUT/bench_matmul_cuda.txt"
 import torch, fourbit

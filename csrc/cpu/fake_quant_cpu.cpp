@@ -37,20 +37,33 @@ struct Params {
   at::Tensor scale, zero_point;
 };
 
+template <typename T>
+Params prepare_params_typed(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                            int64_t quant_max, at::ScalarType compute) {
+  Params p{scale.to(compute).contiguous().reshape(-1), at::empty({zero_point.numel()}, scale.options().dtype(compute))};
+  const at::Tensor zp_in = zero_point.to(compute).contiguous().reshape(-1);
+  const T* s = p.scale.const_data_ptr<T>();
+  const T* z = zp_in.const_data_ptr<T>();
+  T* zr = p.zero_point.mutable_data_ptr<T>();
+  const int64_t count = p.scale.numel();
+  for (int64_t i = 0; i < count; ++i) {
+    // Values are checked here because the CPU has them at hand for free (the CUDA kernels never read them on the
+    // host; there a bad scale gives NaN outputs).
+    TORCH_CHECK_VALUE(s[i] > T(0) && std::isfinite(s[i]), "scale must be positive and finite, got ", s[i],
+                      " at index ", i);
+    TORCH_CHECK_VALUE(std::isfinite(z[i]), "zero_point must be finite, got ", z[i], " at index ", i);
+    const T r = round_half_even(z[i]);
+    zr[i] = r < T(quant_min) ? T(quant_min) : (r > T(quant_max) ? T(quant_max) : r);
+  }
+  return p;
+}
+
+// The parameters as contiguous arrays in the compute type: scale as given (checked: positive and finite), the zero
+// point rounded half to even and clamped to [quant_min, quant_max] (as PyTorch's learnable fake-quant ops do).
 Params prepare_params(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                       at::ScalarType compute) {
-  Params p{scale.to(compute).contiguous().reshape(-1),
-           zero_point.to(compute).round().clamp(static_cast<double>(quant_min), static_cast<double>(quant_max))
-               .contiguous().reshape(-1)};
-  // Values are checked here because the CPU has them at hand for free (the CUDA kernels never read them on the
-  // host; there a bad scale gives NaN outputs).
-  const at::Tensor bad_scale = p.scale.index({~(p.scale.gt(0) & p.scale.isfinite())});
-  TORCH_CHECK_VALUE(bad_scale.numel() == 0, "scale must be positive and finite, got ", bad_scale.numel(),
-                    " bad value(s), e.g. ", bad_scale.numel() ? bad_scale[0].item<double>() : 0.0);
-  const at::Tensor bad_zero_point = zero_point.reshape(-1).index({~zero_point.reshape(-1).isfinite()});
-  TORCH_CHECK_VALUE(bad_zero_point.numel() == 0, "zero_point must be finite, got ",
-                    bad_zero_point.numel() ? bad_zero_point[0].item<double>() : 0.0);
-  return p;
+  return compute == at::kDouble ? prepare_params_typed<double>(scale, zero_point, quant_min, quant_max, compute)
+                                : prepare_params_typed<float>(scale, zero_point, quant_min, quant_max, compute);
 }
 
 at::Tensor fake_quantize_affine_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
@@ -164,19 +177,19 @@ at::Tensor fake_quantize_4bit_cpu(const at::Tensor& x, int64_t blocksize, std::s
   args.codebook = make_codebook4(qt);
   args.out = out.mutable_data_ptr();
   // Double quantization needs every block's absmax before any block can be decoded (the offset is their mean), so
-  // it takes two more passes: the absmax (from quantize_4bit) and the 8-bit quantization of the absmax.
+  // it takes two more passes: the absmax of every block, and the 8-bit quantization of the absmax.
   at::Tensor absmax, qabsmax, nested_absmax, offset;
   if (compress_statistics) {
     check_blocksize(nested_blocksize, "nested_blocksize");
-    static const auto quantize = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("fourbit::quantize_4bit", "")
-                                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
-                                                                              std::string_view)>();
     static const auto double_quantize =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fourbit::double_quantize", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
-    absmax = std::get<1>(quantize.call(input, blocksize, quant_type));
+    absmax = at::empty({ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+    FakeQuant4bitArgs absmax_pass = args;
+    absmax_pass.absmax_out = absmax.mutable_data_ptr<float>();
+    at::parallel_for(0, ceil_div(n, blocksize), std::max<int64_t>(1, 16384 / blocksize),
+                     [&](int64_t begin, int64_t end) { select_kernels().fake_quantize_4bit(absmax_pass, begin, end); });
     std::tie(qabsmax, nested_absmax, offset) = double_quantize.call(absmax, nested_blocksize);
     int shift = 0;
     while ((int64_t{1} << shift) < nested_blocksize) ++shift;

@@ -46,9 +46,20 @@ template <ElemType E> void fake_quant_elements(const FakeQuantArgs& a, int64_t b
     }
     return;
   }
-  for (int64_t i = begin; i < end;) {
+  const int64_t inner = a.layout.inner;
+  int64_t i = begin;
+  // Whole groups of a power-of-two size (per-group weights: 32, 64, ...): a fixed-trip loop per group, with no
+  // index arithmetic in between, so short groups cost no more per element than long runs.
+  if (inner % 16 == 0 && inner <= 1024 && begin % inner == 0) {
+    for (; i + inner <= end; i += inner) {
+      const int64_t c = a.layout.param_index(i);
+      const AffineParams<float> p = make_affine_params(a.scale[c], a.zero_point[c], a.quant_min, a.quant_max);
+      for (int64_t j = 0; j < inner; j += 16) fake_quant_run<E>(x + i + j, y + i + j, 16, p);
+    }
+  }
+  for (; i < end;) {
     const int64_t c = a.layout.param_index(i);
-    const int64_t len = std::min(end - i, a.layout.inner - i % a.layout.inner);
+    const int64_t len = std::min(end - i, inner - i % inner);
     fake_quant_run<E>(x + i, y + i, len, make_affine_params(a.scale[c], a.zero_point[c], a.quant_min, a.quant_max));
     i += len;
   }
@@ -123,6 +134,23 @@ template <ElemType E> void fake_quant_4bit_blocks(const FakeQuant4bitArgs& a, in
     const T* in = input + start;
     T* out = output + start;
     const int64_t count = a.n - start < a.blocksize ? a.n - start : a.blocksize;
+    if (a.absmax_out != nullptr) {
+      // First pass of double quantization: only the absmax, stored as quantize_4bit stores it.
+      float absmax = 0.0f;
+      if (count < a.blocksize) {
+        for (int64_t i = 0; i < count; ++i) {
+          const float v = Elem<E>::load(in[i]);
+          absmax = max_propagate_nan(absmax, v < 0 ? -v : v);
+        }
+        absmax = clamp_absmax(absmax);
+      } else {
+        AbsMax acc;
+        for (int64_t c = 0; c < chunks_per_block; ++c) acc.add(load_chunk<E>(in + 16 * c));
+        absmax = acc.result();
+      }
+      a.absmax_out[b] = absmax;
+      continue;
+    }
     if (count < a.blocksize) {
       // The partial last block: divide by the clamped absmax (quantize_partial_block's rule).
       float absmax = 0.0f;

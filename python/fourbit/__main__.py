@@ -45,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("matmul", "all"):
         cases += benchmark.matmul_cases(device, shape=shape, layers=4 if args.quick else 16,
                                         batches=(1, 16) if args.quick else (1, 16, 512))  # fmt: skip
+    if args.suite in ("qat", "all"):
+        cases += benchmark.qat_cases(device, shape=shape)
     results = benchmark.run_cases(cases, device, repeats=repeats, progress=lambda r: print(f"  done: {r.name}", flush=True))
     if results:
         print(benchmark.format_table(results))
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the spec's method)")
     bench.add_argument("--repeats", type=int, default=11)
     bench.add_argument("--quick", action="store_true", help="a smaller shape and 5 repeats (a smoke run)")
-    bench.add_argument("--suite", choices=["quant", "matmul", "lora", "memory", "all"], default="all")
+    bench.add_argument("--suite", choices=["quant", "matmul", "lora", "memory", "qat", "all"], default="all")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)

@@ -25,7 +25,7 @@ import torch
 
 import fourbit
 
-__all__ = ["Case", "Result", "last_level_cache_bytes", "rotations", "run_cases", "format_table", "quant_cases"]
+__all__ = ["Case", "Result", "last_level_cache_bytes", "rotations", "run_cases", "format_table", "quant_cases", "qat_cases"]
 
 
 @dataclass
@@ -524,3 +524,112 @@ def memory_report(shape=(4096, 4096), dtypes=(torch.float32, torch.bfloat16), ba
                          f"{share:.1f}%"))  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def qat_cases(device: torch.device, shape=(4096, 4096), cache_bytes: int | None = None) -> list[Case]:
+    """fake_quantize against PyTorch's own fake-quant ops (per tensor, per channel, per group as channels of the
+    [groups, group_size] view, and the learnable LSQ ops), forward and forward + backward; fake_quantize_4bit
+    against quantize_4bit + dequantize_4bit composed (fourbit's, and bitsandbytes' on the CPU when installed)."""
+    n_out, k = shape
+    n = n_out * k
+    copies = rotations(n * 4, device, cache_bytes)
+    weights = [torch.randn(shape, device=device) for _ in range(copies)]
+    grads = [torch.randn(shape, device=device) for _ in range(copies)]
+    cases = []
+
+    # ---- affine: int8 per tensor and per channel, int4 per group of 32 ----
+    scale_t, zp_t = torch.tensor([0.02], device=device), torch.tensor([3], dtype=torch.int32, device=device)
+    cases.append(Case(
+        "fake_quantize int8 per-tensor fp32 forward",
+        lambda i: fourbit.fake_quantize(weights[i % copies], scale_t, zp_t, -128, 127),
+        {"torch.fake_quantize_per_tensor_affine": lambda i: torch.fake_quantize_per_tensor_affine(
+            weights[i % copies], 0.02, 3, -128, 127)},
+        bytes_moved=2 * 4 * n,
+    ))  # fmt: skip
+    scale_c = torch.rand(n_out, device=device) * 0.02 + 0.01
+    zp_c = torch.randint(-10, 10, (n_out,), dtype=torch.int32, device=device)
+    cases.append(Case(
+        "fake_quantize int8 per-channel fp32 forward",
+        lambda i: fourbit.fake_quantize(weights[i % copies], scale_c, zp_c, -128, 127, axis=0),
+        {"torch.fake_quantize_per_channel_affine": lambda i: torch.fake_quantize_per_channel_affine(
+            weights[i % copies], scale_c, zp_c, 0, -128, 127)},
+        bytes_moved=2 * 4 * n,
+    ))  # fmt: skip
+    group = 32
+    scale_g = torch.rand(n_out, k // group, device=device) * 0.2 + 0.1
+    zp_g = torch.zeros(n_out, k // group, dtype=torch.int32, device=device)
+    cases.append(Case(
+        f"fake_quantize int4 per-group({group}) fp32 forward",
+        lambda i: fourbit.fake_quantize(weights[i % copies], scale_g, zp_g, -8, 7, group_size=group),
+        {"torch per-channel on [groups, 32]": lambda i: torch.fake_quantize_per_channel_affine(
+            weights[i % copies].view(-1, group), scale_g.view(-1), zp_g.view(-1), 0, -8, 7)},
+        bytes_moved=2 * 4 * n,
+    ))  # fmt: skip
+    leaves = [w.clone().requires_grad_() for w in weights]
+
+    def ours_ste(i):
+        x = leaves[i % copies]
+        fourbit.fake_quantize(x, scale_c, zp_c, -128, 127, axis=0).backward(grads[i % copies])
+        x.grad = None
+
+    def torch_ste(i):
+        x = leaves[i % copies]
+        torch.fake_quantize_per_channel_affine(x, scale_c, zp_c, 0, -128, 127).backward(grads[i % copies])
+        x.grad = None
+
+    cases.append(Case("fake_quantize int8 per-channel fp32 forward+backward (STE)", ours_ste,
+                      {"torch.fake_quantize_per_channel_affine": torch_ste}, bytes_moved=5 * 4 * n))  # fmt: skip
+    s_learn = scale_c.clone().requires_grad_()
+    z_learn = zp_c.float().requires_grad_()
+    gf = 1.0 / (n * 127) ** 0.5
+
+    def ours_lsq(i):
+        x = leaves[i % copies]
+        fourbit.fake_quantize(x, s_learn, z_learn, -128, 127, axis=0, grad_factor=gf).backward(grads[i % copies])
+        x.grad = s_learn.grad = z_learn.grad = None
+
+    def torch_lsq(i):
+        x = leaves[i % copies]
+        torch._fake_quantize_learnable_per_channel_affine(x, s_learn, z_learn, 0, -128, 127, gf).backward(
+            grads[i % copies])
+        x.grad = s_learn.grad = z_learn.grad = None
+
+    cases.append(Case("fake_quantize int8 per-channel fp32 forward+backward (LSQ)", ours_lsq,
+                      {"torch._fake_quantize_learnable_per_channel_affine": torch_lsq}, bytes_moved=5 * 4 * n))  # fmt: skip
+    s_tensor = torch.tensor([0.02], device=device, requires_grad=True)
+    z_tensor = torch.tensor([3.0], device=device, requires_grad=True)
+
+    def ours_lsq_tensor(i):
+        x = leaves[i % copies]
+        fourbit.fake_quantize(x, s_tensor, z_tensor, -128, 127, grad_factor=gf).backward(grads[i % copies])
+        x.grad = s_tensor.grad = z_tensor.grad = None
+
+    def torch_lsq_tensor(i):
+        x = leaves[i % copies]
+        torch._fake_quantize_learnable_per_tensor_affine(x, s_tensor, z_tensor, -128, 127, gf).backward(
+            grads[i % copies])
+        x.grad = s_tensor.grad = z_tensor.grad = None
+
+    cases.append(Case("fake_quantize int8 per-tensor fp32 forward+backward (LSQ)", ours_lsq_tensor,
+                      {"torch._fake_quantize_learnable_per_tensor_affine": torch_lsq_tensor},
+                      bytes_moved=5 * 4 * n))  # fmt: skip
+
+    # ---- 4-bit: one pass against quantize + dequantize ----
+    bnb = _bitsandbytes() if device.type == "cpu" else None
+    for dtype in (torch.float32, torch.bfloat16):
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        inputs = [w.to(dtype) for w in weights]
+        for nested in (False, True):
+            peers = {"fourbit quantize_4bit + dequantize_4bit": lambda i, xs=inputs, d=nested: fourbit.dequantize_4bit(
+                *fourbit.quantize_4bit(xs[i % copies], 64, "nf4", compress_statistics=d))}
+            if bnb is not None:
+                peers["bitsandbytes quantize_4bit + dequantize_4bit"] = lambda i, xs=inputs, d=nested: (
+                    bnb.dequantize_4bit(*bnb.quantize_4bit(xs[i % copies], blocksize=64, quant_type="nf4",
+                                                           compress_statistics=d)))  # fmt: skip
+            cases.append(Case(
+                f"fake_quantize_4bit nf4 {dname}{' double-quant' if nested else ''}",
+                lambda i, xs=inputs, d=nested: fourbit.fake_quantize_4bit(xs[i % copies], "nf4", 64, d),
+                peers,
+                bytes_moved=2 * dtype.itemsize * n,
+            ))  # fmt: skip
+    return cases
