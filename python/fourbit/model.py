@@ -198,6 +198,9 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete_adapter() it first")
     first = not configs
     targets = _resolve_targets(model, config)
+    for target in config.modules_to_save or []:  # checked before anything changes
+        if not any(n and _name_matches(n, [target]) for n, _ in model.named_modules()):
+            raise ValueError(f"modules_to_save entry {target!r} matches no module of the model")
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -455,8 +458,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_
     if adapter_name in _adapter_configs(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete_adapter() it first")
     snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
-    add_lora(model, config, adapter_name)
     try:
+        add_lora(model, config, adapter_name)
         expected = _copy_adapter_tensors(model, adapter_name, tensors, folder)
     except Exception:
         _undo_add(model, adapter_name, snapshot)
