@@ -279,6 +279,21 @@ def test_only_adapters_train_and_the_loss_goes_down(arch, quantized):
         assert torch.equal(after[name], value), name
 
 
+def test_gradients_are_the_same_under_gradient_checkpointing():
+    model = randomize(fourbit.add_bottleneck_adapters(fourbit.quantize_model(tiny_llama(), progress=False),
+                                                      placement="houlsby")).train()  # fmt: skip
+    checkpointed = copy.deepcopy(model)
+    fourbit.prepare_for_kbit_training(checkpointed)  # freezes everything and turns checkpointing on
+    fourbit.set_bottleneck_adapter(checkpointed, "default")  # trainable again
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
+    lm_loss(model).backward()
+    lm_loss(checkpointed).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), checkpointed.named_parameters()):
+        assert p.requires_grad == q.requires_grad, name
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])

@@ -174,6 +174,19 @@ def test_only_the_prompt_trains_and_the_loss_goes_down(quantized, tmp_path):
     assert torch.equal(run(reloaded).logits, run(model).logits)
 
 
+def test_reentrant_gradient_checkpointing_gives_the_same_prompt_gradient():
+    model = fourbit.add_prompt_tuning(fourbit.quantize_model(tiny_llama(), progress=False), N, init="sample_vocab")
+    model.train()
+    checkpointed = copy.deepcopy(model)
+    # a reentrant checkpoint needs an input that requires grad: the prompt is one
+    checkpointed.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    checkpointed(input_ids=IDS, labels=IDS).loss.backward()
+    torch.testing.assert_close(checkpointed.prompt_encoder.embedding.weight.grad,
+                               model.prompt_encoder.embedding.weight.grad, atol=1e-6, rtol=1e-5)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_returns_input_then_greedy_tokens_of_the_prompted_model(arch):
