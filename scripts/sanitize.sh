@@ -52,6 +52,10 @@ export ASAN_OPTIONS=detect_leaks=0:detect_container_overflow=0:protect_shadow_ga
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export FOURBIT_ASAN=1
 
+so=$(ls "$SITE"/fourbit/_C*.so)
+if ! ldd "$so" | grep -q libasan || ! ldd "$so" | grep -q libubsan; then
+  log "$so is not linked against libasan and libubsan: not a sanitizer build"; exit 2
+fi
 where=$("$PYTHON" -c "import fourbit, torch; print(fourbit.__file__); \
 p, s = fourbit.quantize_4bit(torch.randn(1000)); print(fourbit.dequantize_4bit(p, s).shape)" 2>&1) || {
   echo "$where" | tail -n 30; log "the sanitized build does not import"; exit 2; }
@@ -63,7 +67,8 @@ esac
 if [ $# -eq 0 ]; then
   set -- tests/test_quantize.py tests/test_ops.py tests/test_codebook.py tests/test_quant_state.py \
     tests/test_bad_input.py tests/test_bad_input_matrix.py tests/test_matmul.py tests/test_lora_linear.py \
-    tests/test_linear4bit.py tests/test_fuzz.py tests/test_concurrency.py
+    tests/test_linear4bit.py tests/test_fake_quant.py tests/test_linear_int.py tests/test_fuzz.py \
+    tests/test_concurrency.py
 fi
 start=$(date +%s)
 "$PYTHON" -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$BUILD/pytest.log" | tail -n 15
