@@ -21,6 +21,7 @@ PEFT does for LoRA).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -117,7 +118,7 @@ def _find_sublayers(model: nn.Module, placement: str, attn_modules, ffn_modules)
     names = _module_names(model)
     if attn_modules is None and ffn_modules is None:
         attn, ffn = [], []
-        base_names = set(_module_names(model)) | {""}
+        base_names = {"", *names}
         for name, module in model.named_modules():
             if name not in base_names:
                 continue
@@ -171,7 +172,7 @@ def _hidden_size(model: nn.Module, hidden_size: int | None) -> int:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         return t.device
     return torch.device("cpu")
 
