@@ -439,3 +439,14 @@ def test_generate_on_quantized_lora_model():
     # Greedy decoding with the cache gives the tokens a full forward would pick.
     full = logits(model, out[:, :-1]).argmax(-1)
     assert torch.equal(full[0, 3:], out[0, 4:])
+
+
+def test_load_adapter_dispatches_bottleneck_and_points_prompt_tuning_elsewhere(tmp_path):
+    model = fourbit.add_bottleneck_adapters(tiny_llama(), reduction_factor=8, init_weights="bert")
+    fourbit.save_bottleneck_adapters(model, tmp_path / "bn")
+    again = fourbit.load_adapter(tiny_llama(), tmp_path / "bn")
+    torch.testing.assert_close(logits(again, IDS), logits(model, IDS))
+    wrapped = fourbit.add_prompt_tuning(tiny_llama(), num_virtual_tokens=3)
+    fourbit.save_prompt_tuning(wrapped, tmp_path / "pt")
+    with pytest.raises(ValueError, match="load_prompt_tuning"):
+        fourbit.load_adapter(tiny_llama(), tmp_path / "pt")

@@ -442,13 +442,23 @@ def _json_default(value):
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
-    """Loads a LoRA adapter folder written by fourbit or PEFT (safetensors only) into ``model`` as ``adapter_name``.
+    """Loads a LoRA adapter folder written by fourbit or PEFT (safetensors only) into ``model`` as ``adapter_name``
+    (a bottleneck-adapter folder written by ``fourbit.save_bottleneck_adapters`` is loaded as such).
 
     The adapter's layers are created from its config (targets, ranks, rsLoRA, DoRA) and every tensor is checked
     against them: a missing, unexpected or wrongly shaped tensor is an error naming it, and nothing is changed.
     The adapter becomes active if it is the model's only one. ``is_trainable=False`` (PEFT's default) freezes it."""
     folder = _io.resolve_folder(path, ADAPTER_CONFIG)
-    config = LoraConfig.from_peft_dict(_io.read_json(folder / ADAPTER_CONFIG))
+    raw = _io.read_json(folder / ADAPTER_CONFIG)
+    if raw.get("adapter_type") == "bottleneck":
+        from .adapters import load_bottleneck_adapters
+
+        load_bottleneck_adapters(model, folder, adapter_name, is_trainable=is_trainable)
+        return model
+    if raw.get("peft_type") == "PROMPT_TUNING":
+        raise ValueError(f"{str(folder)!r} holds a prompt-tuning adapter: load it with fourbit.load_prompt_tuning(model, "
+                         "path), which returns the prompt-tuned wrapper")  # fmt: skip
+    config = LoraConfig.from_peft_dict(raw)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {ADAPTER_WEIGHTS} (fourbit loads safetensors only)")
