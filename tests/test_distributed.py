@@ -225,7 +225,7 @@ def _fsdp_worker(rank, tmp):
     ckpt_path = os.path.join(tmp, "full")
     fd.save_quantized_checkpoint(model, ckpt_path)
     dcp_path = os.path.join(tmp, "dcp")
-    fd.save_checkpoint_dcp(model, dcp_path)
+    fd.save_checkpoint_dcp(model, dcp_path, opt)
     # torch.distributed.checkpoint's own state-dict API resolves bitsandbytes' keys too (what accelerate calls).
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -251,9 +251,12 @@ def _fsdp_worker(rank, tmp):
 
     # DCP: a fresh model (different random weights) sharded the same way reads the shards in place.
     other = fd.shard_model(tiny_qlora(seed=1), mesh=_mesh())
-    fd.load_checkpoint_dcp(other, dcp_path)
+    other_opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=1e-2)
+    fd.load_checkpoint_dcp(other, dcp_path, other_opt)
     with torch.no_grad():
         torch.testing.assert_close(other(half).logits, expected.chunk(WORLD)[rank], rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(trainable.items(), (q for q in other.parameters() if q.requires_grad)):
+        assert torch.equal(opt.state[p]["exp_avg"].to_local(), other_opt.state[q]["exp_avg"].to_local()), name
 
 
 def _fsdp_workers(rank, tmp):
