@@ -578,12 +578,12 @@ def save_pretrained(model: nn.Module, path: str, max_shard_size: int | str = "5G
         generation_json = generation.to_json_string(use_diff=True)
 
     # safetensors refuses two entries sharing memory: copy the (small) tensors that do, e.g. a shared codebook.
-    seen: set[tuple] = set()
+    seen: set[int] = set()
     for key, value in tensors.items():
         value = value.detach().cpu()
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), value.nbytes)
-        tensors[key] = value.clone() if ident in seen else value
-        seen.add(ident)
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if storage in seen else value
+        seen.add(storage)
     shards = _shards(tensors, {name for name, _ in named}, limit)
 
     def write(folder: Path) -> None:
