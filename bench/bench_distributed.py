@@ -4,8 +4,9 @@
 A Llama-style model built from a config (offline, random weights) is quantized to NF4 (double quantization), LoRA
 r=16 goes on every linear but lm_head, and AdamW trains the adapters on random tokens. Reported per run: tokens/s
 (all ranks together, after warm-up), the bytes of 4-bit weights + scales and of adapters each rank stores, and each
-rank's peak memory (CUDA: max_memory_allocated; CPU: max RSS of the process, which includes the Python + torch +
-transformers runtime, and the same minus the RSS measured before the model was built).
+rank's peak memory during training (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset after the model
+is built and sharded, so it includes the Python + torch + transformers runtime); and that peak above the memory in
+use before the first step (runtime and model), i.e. activations, gradients, optimizer state and all-gather buffers.
 
     python bench/bench_distributed.py                                   # one process
     torchrun --nproc-per-node 2 bench/bench_distributed.py --mode fsdp  # FSDP2, 2 ranks (gloo on CPU, NCCL on GPU)
@@ -61,7 +62,6 @@ def run(args) -> dict:
     distributed = args.mode != "single"
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    runtime = _current_rss()  # the interpreter + torch + transformers, before the model exists
     model = build(args, device)
     if args.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -83,6 +83,9 @@ def run(args) -> dict:
     ids = torch.randint(0, args.vocab, (local, args.seq), generator=gen).to(device)
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()  # the peak of training, not of building the dense model before quantizing it
+    before = torch.cuda.memory_allocated() if use_cuda else _current_rss()  # runtime + the model, sharded
 
     def step():
         loss = step_model(ids, labels=ids).loss
@@ -105,12 +108,12 @@ def run(args) -> dict:
     if distributed:
         dist.barrier()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if use_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if use_cuda else _peak_rss()
     row = {
         "mode": args.mode, "world": world, "rank": rank, "device": device.type,
         "tokens_per_s": args.batch * args.seq * args.steps / seconds,
         "stored_4bit_MiB": (stored["packed"] + stored["scales"]) / 2**20, "adapters_MiB": stored["adapters"] / 2**20,
-        "peak_MiB": peak / 2**20, "peak_above_runtime_MiB": (peak - (0 if use_cuda else runtime)) / 2**20,
+        "peak_MiB": peak / 2**20, "peak_above_start_MiB": (peak - before) / 2**20,
         "loss": float(loss.detach()),
     }  # fmt: skip
     rows = [None] * world
@@ -170,13 +173,38 @@ def check(args) -> None:
         raise SystemExit(1)
 
 
+def _reset_peak_rss() -> None:
+    # Return freed heap pages to the OS (glibc), then reset the kernel's high-water mark (VmHWM) of this process.
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux/glibc: the peak then includes building the model
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | world | tokens/s | 4-bit weights+scales per rank (MiB) | adapters per rank (MiB) | peak per rank (MiB) | peak above runtime per rank (MiB) |",
+    lines = ["| run | world | tokens/s | 4-bit weights+scales per rank (MiB) | adapters per rank (MiB) | training peak per rank (MiB) | training peak above start per rank (MiB) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for group in rows:
         r0 = group[0]
@@ -185,7 +213,7 @@ def table(rows: list[dict]) -> str:
             + " / ".join(f"{r['stored_4bit_MiB']:.2f}" for r in group) + " | "
             + " / ".join(f"{r['adapters_MiB']:.2f}" for r in group) + " | "
             + " / ".join(f"{r['peak_MiB']:.0f}" for r in group) + " | "
-            + " / ".join(f"{r['peak_above_runtime_MiB']:.0f}" for r in group) + " |"
+            + " / ".join(f"{r['peak_above_start_MiB']:.0f}" for r in group) + " |"
         )  # fmt: skip
     return "\n".join(lines)
 
