@@ -204,7 +204,8 @@ def _current_rss() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | world | tokens/s | 4-bit weights+scales per rank (MiB) | adapters per rank (MiB) | training peak per rank (MiB) | training peak above start per rank (MiB) |",
+    lines = ["| run | world | tokens/s | 4-bit weights+scales per rank (MiB) | adapters per rank (MiB) "
+             "| training peak per rank (MiB) | training peak above start per rank (MiB) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for group in rows:
         r0 = group[0]
@@ -245,11 +246,11 @@ def main(argv=None) -> None:
         return check(args)
     if args.compare:
         passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--compare",)]
-        passthrough = [a for i, a in enumerate(passthrough) if not (a == "--json" or (i and passthrough[i - 1] == "--json"))]
+        passthrough = [a for i, a in enumerate(passthrough)
+                       if not (a == "--json" or (i and passthrough[i - 1] == "--json"))]  # fmt: skip
         groups = []
-        for mode, launcher in [("single", [sys.executable]),
-                               ("ddp", [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]),
-                               ("fsdp", [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"])]:  # fmt: skip
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+        for mode, launcher in [("single", [sys.executable]), ("ddp", torchrun), ("fsdp", torchrun)]:
             out = subprocess.run([*launcher, __file__, "--mode", mode, *passthrough, "--json", "-"],
                                  check=True, capture_output=True, text=True)  # fmt: skip
             groups.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -94,8 +94,10 @@ def quantized_units(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and isinstance(module.base_layer, Linear4bit):
             units[name] = module
-        elif isinstance(module, Linear4bit) and not (name.endswith("base_layer") and name.rsplit(".", 1)[0] in units):
-            units[name] = module
+        elif isinstance(module, Linear4bit):
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if not (name.split(".")[-1] == "base_layer" and parent in units):
+                units[name] = module
     return units
 
 
@@ -157,8 +159,9 @@ def shard_model(
     Groups, innermost first: when ``mp_policy`` casts parameters (``param_dtype`` set), every quantized unit (see
     :func:`quantized_units`) with a policy that casts nothing; then every decoder block (see ``block_classes``) and
     the root with ``mp_policy``. Without casting, the quantized units share their block's group (fewer
-    collectives). In every case the scales become frozen Parameters, sharded with the packed weight. Each rank then stores about 1/world of the packed weights,
-    scales and adapters; the packed bytes are all-gathered as they are for each unit's forward and backward.
+    collectives). In every case the scales become frozen Parameters, sharded with the packed weight. Each rank then
+    stores about 1/world of the packed weights, scales and adapters; the packed bytes are all-gathered as they are
+    before each group's forward and backward.
 
     Args:
         model: a model after ``quantize_model`` (and usually ``add_lora``), on the mesh's device.
@@ -221,7 +224,8 @@ def sharded_bytes(model: nn.Module) -> dict[str, int]:
                 t = getattr(module, name)
                 out["scales"] += local(t) if t is not None else 0
         elif isinstance(module, LoRALinear):
-            for p in [*module.lora_A.parameters(), *module.lora_B.parameters(), *module.lora_magnitude_vector.parameters()]:
+            adapters = (module.lora_A, module.lora_B, module.lora_magnitude_vector)
+            for p in (p for m in adapters for p in m.parameters()):
                 if id(p) not in seen:
                     seen.add(id(p))
                     out["adapters"] += local(p)
@@ -249,7 +253,8 @@ def save_adapter_distributed(model: nn.Module, path: str | os.PathLike, adapter_
     (DDP), writes the PEFT-format folder once (rank 0, atomically), then waits at a barrier so every rank returns
     after the folder is complete. A collective: every rank must call it. The folder loads in a single process with
     ``fourbit.load_adapter`` or PEFT."""
-    from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _adapter_tensors, _config_for_file, _json_default, _require_adapter
+    from .model import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, _adapter_tensors, _config_for_file, _json_default,
+                        _require_adapter)  # fmt: skip
 
     import json
 
@@ -301,7 +306,9 @@ def _dcp_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint_dcp(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
+def save_checkpoint_dcp(
+    model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None
+) -> None:
     """Writes a ``torch.distributed.checkpoint`` of the model's registered tensors (packed weights, scales,
     adapters, everything else), each rank writing its own shards, plus the optimizer's state if given. A collective.
     """
@@ -315,7 +322,9 @@ def save_checkpoint_dcp(model: nn.Module, path: str | os.PathLike, optimizer: to
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load_checkpoint_dcp(model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+def load_checkpoint_dcp(
+    model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None
+) -> nn.Module:
     """Reads a checkpoint written by :func:`save_checkpoint_dcp` into ``model`` (and ``optimizer``) in place; the
     model must be quantized and adapted the same way as the saved one (its tensors have the saved shapes).
     A collective; returns the model."""
