@@ -4,9 +4,9 @@
 A Llama-style model built from a config (offline, random weights) is quantized to NF4 (double quantization), LoRA
 r=16 goes on every linear but lm_head, and AdamW trains the adapters on random tokens. Reported per run: tokens/s
 (all ranks together, after warm-up), the bytes of 4-bit weights + scales and of adapters each rank stores, and each
-rank's peak memory during training (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset after the model
-is built and sharded, so it includes the Python + torch + transformers runtime); and that peak above the memory in
-use before the first step (runtime and model), i.e. activations, gradients, optimizer state and all-gather buffers.
+rank's peak memory during the timed steps (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset after
+the warm-up steps, so it includes the Python + torch + transformers runtime), and that peak above the memory in use
+before the timed steps (runtime, model, optimizer state): activations, gradients and all-gather buffers.
 
     python bench/bench_distributed.py                                   # one process
     torchrun --nproc-per-node 2 bench/bench_distributed.py --mode fsdp  # FSDP2, 2 ranks (gloo on CPU, NCCL on GPU)
@@ -81,11 +81,6 @@ def run(args) -> dict:
     local = args.batch // world
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, args.vocab, (local, args.seq), generator=gen).to(device)
-    if use_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()  # the peak of training, not of building the dense model before quantizing it
-    before = torch.cuda.memory_allocated() if use_cuda else _current_rss()  # runtime + the model, sharded
 
     def step():
         loss = step_model(ids, labels=ids).loss
@@ -98,6 +93,13 @@ def run(args) -> dict:
         step()
     if use_cuda:
         torch.cuda.synchronize()
+    # The peak of the timed steps: not of building the dense model before quantizing it, nor of one-time set-up
+    # (FSDP's lazy init, modules imported on first use) in the warm-up steps.
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    before = torch.cuda.memory_allocated() if use_cuda else _current_rss()  # runtime, model, optimizer state
     if distributed:
         dist.barrier()
     start = time.perf_counter()
@@ -205,7 +207,7 @@ def _current_rss() -> int:
 
 def table(rows: list[dict]) -> str:
     lines = ["| run | world | tokens/s | 4-bit weights+scales per rank (MiB) | adapters per rank (MiB) "
-             "| training peak per rank (MiB) | training peak above start per rank (MiB) |",
+             "| training peak per rank (MiB) | rise during a step per rank (MiB) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for group in rows:
         r0 = group[0]
