@@ -53,7 +53,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export FOURBIT_ASAN=1
 
 so=$(ls "$SITE"/fourbit/_C*.so)
-if ! ldd "$so" | grep -q libasan || ! ldd "$so" | grep -q libubsan; then
+libs=$(ldd "$so")
+if ! grep -q libasan <<<"$libs" || ! grep -q libubsan <<<"$libs"; then
   log "$so is not linked against libasan and libubsan: not a sanitizer build"; exit 2
 fi
 where=$("$PYTHON" -c "import fourbit, torch; print(fourbit.__file__); \
