@@ -5,12 +5,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "core/codebook.h"
 #include "core/dynamic_map.h"
+#include "huge_pages.h"
 #include "quant_checks.h"
 
 namespace fourbit {
@@ -27,20 +24,6 @@ at::Tensor quant_map(std::string_view name) {
   return at::tensor(at::ArrayRef<float>(cb.value, 16), at::TensorOptions().dtype(at::kFloat));
 }
 
-// A fresh multi-megabyte CPU output is mostly page faults: the kernel zeroes each 4 KiB page on first touch, which
-// costs more than dequantizing into it. Asking for transparent huge pages on the (2 MiB-aligned interior of the)
-// buffer before writing cuts the number of faults 512-fold. Advisory only: the memory stays torch's allocation.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = end & ~(kHuge - 1);
-  if (last >= first + 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 // dequantize_4bit for every backend: validate, allocate, then the backend's dequantize_4bit_into.
 at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                            std::string_view quant_type, c10::SymIntArrayRef shape, at::ScalarType dtype,
@@ -51,7 +34,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
   check_dequantize_4bit_args(packed, absmax, blocksize, sizes, dtype, nested_absmax, nested_code, offset,
                              nested_blocksize);
   at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
-  if (out.is_cpu()) advise_huge_pages(out);
+  advise_huge_pages(out);
   static const auto into = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fourbit::dequantize_4bit_into", "")
                                .typed<void(const at::Tensor&, const at::Tensor&, int64_t, std::string_view,
@@ -135,8 +118,9 @@ TORCH_LIBRARY(fourbit, m) {
       "fake_quantize_affine_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, int? axis, int? group_size, float grad_factor, bool param_grads) -> (Tensor grad_x, "
       "Tensor grad_scale, Tensor grad_zero_point)");
-  // dequantize_4bit(quantize_4bit(x)) bit for bit, in one pass without the packed bytes (with compress_statistics:
-  // through the double-quantized scales, as dequantize_4bit decodes them). Returns x's shape and dtype.
+  // dequantize_4bit(quantize_4bit(x)) bit for bit: one pass without packed bytes; with compress_statistics, through
+  // the double-quantized scales as dequantize_4bit decodes them (quantize, double-quantize, decode: every absmax
+  // is needed first). Returns x's shape and dtype.
   m.def(
       "fake_quantize_4bit(Tensor x, int blocksize, str quant_type, bool compress_statistics=False, "
       "int nested_blocksize=256) -> Tensor");

@@ -15,6 +15,7 @@
 #include "core/dynamic_map.h"
 #include "core/fake_quant.h"
 #include "cpu/isa.h"
+#include "huge_pages.h"
 #include "qat_checks.h"
 
 namespace fourbit::cpu {
@@ -72,6 +73,7 @@ at::Tensor fake_quantize_affine_cpu(const at::Tensor& x, const at::Tensor& scale
   const AffineLayout layout = check_fake_quantize_args(x, scale, zero_point, quant_min, quant_max, axis, group_size);
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty_like(input);
+  advise_huge_pages(out);
   const int64_t n = input.numel();
   const bool f64 = input.scalar_type() == at::kDouble;
   const Params p = prepare_params(scale, zero_point, quant_min, quant_max, f64 ? at::kDouble : at::kFloat);
@@ -119,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_affine_backward_cpu
   const at::ScalarType compute = f64 ? at::kDouble : at::kFloat;
   const Params p = prepare_params(scale, zero_point, quant_min, quant_max, compute);
   at::Tensor dx = at::empty_like(input);
+  advise_huge_pages(dx);
   at::Tensor dscale = at::empty({param_grads ? n : 0}, input.options().dtype(compute));
   at::Tensor dzero_point = at::empty({param_grads ? n : 0}, input.options().dtype(compute));
   if (n > 0 && f64) {
@@ -167,6 +170,7 @@ at::Tensor fake_quantize_4bit_cpu(const at::Tensor& x, int64_t blocksize, std::s
   check_quantize_4bit_args(x, blocksize);
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty_like(input);
+  advise_huge_pages(out);
   const int64_t n = input.numel();
   if (n == 0) return out;
   FakeQuant4bitArgs args{};
@@ -177,25 +181,32 @@ at::Tensor fake_quantize_4bit_cpu(const at::Tensor& x, int64_t blocksize, std::s
   args.codebook = make_codebook4(qt);
   args.out = out.mutable_data_ptr();
   // Double quantization needs every block's absmax before any block can be decoded (the offset is their mean), so
-  // it takes two more passes: the absmax of every block, and the 8-bit quantization of the absmax.
-  at::Tensor absmax, qabsmax, nested_absmax, offset;
+  // it cannot be one pass. Quantizing (codes + absmax in one read of x), double-quantizing the absmax and decoding
+  // the codes is then the least memory traffic (x read once, half a byte per element written and read back).
   if (compress_statistics) {
     check_blocksize(nested_blocksize, "nested_blocksize");
+    static const auto quantize = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("fourbit::quantize_4bit", "")
+                                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
+                                                                              std::string_view)>();
     static const auto double_quantize =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fourbit::double_quantize", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
-    absmax = at::empty({ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
-    FakeQuant4bitArgs absmax_pass = args;
-    absmax_pass.absmax_out = absmax.mutable_data_ptr<float>();
-    at::parallel_for(0, ceil_div(n, blocksize), std::max<int64_t>(1, 16384 / blocksize),
-                     [&](int64_t begin, int64_t end) { select_kernels().fake_quantize_4bit(absmax_pass, begin, end); });
-    std::tie(qabsmax, nested_absmax, offset) = double_quantize.call(absmax, nested_blocksize);
-    int shift = 0;
-    while ((int64_t{1} << shift) < nested_blocksize) ++shift;
-    args.absmax = absmax.const_data_ptr<float>();
-    args.scales = {nullptr, qabsmax.const_data_ptr<uint8_t>(), nested_absmax.const_data_ptr<float>(),
-                   kDynamicMap.value, offset.const_data_ptr<float>(), shift};
+    static const auto dequantize_into =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fourbit::dequantize_4bit_into", "")
+            .typed<void(const at::Tensor&, const at::Tensor&, int64_t, std::string_view, c10::SymIntArrayRef,
+                        const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, int64_t)>();
+    static const at::Tensor code =
+        at::tensor(at::ArrayRef<float>(kDynamicMap.value, 256), at::TensorOptions().dtype(at::kFloat));
+    const auto [packed, absmax] = quantize.call(input, blocksize, quant_type);
+    const auto [qabsmax, nested_absmax, offset] = double_quantize.call(absmax, nested_blocksize);
+    const std::vector<c10::SymInt> shape = {c10::SymInt(n)};
+    dequantize_into.call(packed, qabsmax, blocksize, quant_type, shape, out, nested_absmax, code, offset,
+                         nested_blocksize);
+    return out.view(x.sizes());
   }
   const QuantKernels& kernels = select_kernels();
   at::parallel_for(0, ceil_div(n, blocksize), std::max<int64_t>(1, 16384 / blocksize),

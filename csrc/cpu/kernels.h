@@ -78,7 +78,6 @@ struct FakeQuant4bitArgs {
   const float* absmax;
   BlockScales scales;
   void* out;  // n elements of type
-  float* absmax_out;  // when set: only write every block's absmax (as quantize_4bit does) and nothing else
 };
 
 // LinearInt's weight [N, K]: codes (int4: K / 2 bytes per row, int8: K), scale float32 and zero point uint8 per group

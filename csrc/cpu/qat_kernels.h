@@ -134,23 +134,6 @@ template <ElemType E> void fake_quant_4bit_blocks(const FakeQuant4bitArgs& a, in
     const T* in = input + start;
     T* out = output + start;
     const int64_t count = a.n - start < a.blocksize ? a.n - start : a.blocksize;
-    if (a.absmax_out != nullptr) {
-      // First pass of double quantization: only the absmax, stored as quantize_4bit stores it.
-      float absmax = 0.0f;
-      if (count < a.blocksize) {
-        for (int64_t i = 0; i < count; ++i) {
-          const float v = Elem<E>::load(in[i]);
-          absmax = max_propagate_nan(absmax, v < 0 ? -v : v);
-        }
-        absmax = clamp_absmax(absmax);
-      } else {
-        AbsMax acc;
-        for (int64_t c = 0; c < chunks_per_block; ++c) acc.add(load_chunk<E>(in + 16 * c));
-        absmax = acc.result();
-      }
-      a.absmax_out[b] = absmax;
-      continue;
-    }
     if (count < a.blocksize) {
       // The partial last block: divide by the clamped absmax (quantize_partial_block's rule).
       float absmax = 0.0f;

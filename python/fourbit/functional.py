@@ -257,10 +257,11 @@ def fake_quantize(
 def fake_quantize_4bit(
     x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = False
 ) -> torch.Tensor:
-    """``dequantize_4bit(*quantize_4bit(x, blocksize, quant_type, compress_statistics))`` bit for bit, in one pass
-    (no packed bytes are written; with ``compress_statistics`` the block scales go through the same 8-bit double
-    quantization first). Same shape and dtype as ``x``; the gradient passes straight through (identity), which is
-    QAT toward the NF4/FP4 deployment format of ``Linear4bit``."""
+    """``dequantize_4bit(*quantize_4bit(x, blocksize, quant_type, compress_statistics))`` bit for bit, in one op.
+    Without ``compress_statistics`` it is one pass over ``x`` (no packed bytes are written). With it, every block's
+    absmax is needed before any block can be decoded (double quantization subtracts their mean), so the op quantizes,
+    double-quantizes the scales and decodes, which reads ``x`` once. Same shape and dtype as ``x``; the gradient
+    passes straight through (identity): QAT toward the NF4/FP4 format of ``Linear4bit``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     return torch.ops.fourbit.fake_quantize_4bit(x, blocksize, quant_type, bool(compress_statistics), NESTED_BLOCKSIZE)
