@@ -157,7 +157,7 @@ def merge_figure() -> tuple[str, dict]:
     text = ("A 4-layer Llama-style model (hidden 256) with NF4 weights and a rank-16 LoRA on every linear layer; "
             "the unmerged model is the reference. Its weights are random, so its next-token distributions are flat "
             "and the top-1 token flips at small changes; KL and the probability change are the robust measures.\n\n"
-            + _table(["merge", "KL(unmerged, merged)", "same top-1 token", "max |p - p_ref|"], rows))
+            + _table(["merge", "KL(unmerged, merged)", "same top-1 token", "max abs(p - p_ref)"], rows))
     return text, data
 
 
