@@ -173,13 +173,6 @@ at::Tensor fake_quantize_4bit_cpu(const at::Tensor& x, int64_t blocksize, std::s
   advise_huge_pages(out);
   const int64_t n = input.numel();
   if (n == 0) return out;
-  FakeQuant4bitArgs args{};
-  args.input = input.const_data_ptr();
-  args.type = elem_type(input.scalar_type());
-  args.n = n;
-  args.blocksize = blocksize;
-  args.codebook = make_codebook4(qt);
-  args.out = out.mutable_data_ptr();
   // Double quantization needs every block's absmax before any block can be decoded (the offset is their mean), so
   // it cannot be one pass. Quantizing (codes + absmax in one read of x), double-quantizing the absmax and decoding
   // the codes is then the least memory traffic (x read once, half a byte per element written and read back).
@@ -208,6 +201,13 @@ at::Tensor fake_quantize_4bit_cpu(const at::Tensor& x, int64_t blocksize, std::s
                          nested_blocksize);
     return out.view(x.sizes());
   }
+  FakeQuant4bitArgs args{};
+  args.input = input.const_data_ptr();
+  args.type = elem_type(input.scalar_type());
+  args.n = n;
+  args.blocksize = blocksize;
+  args.codebook = make_codebook4(qt);
+  args.out = out.mutable_data_ptr();
   const QuantKernels& kernels = select_kernels();
   at::parallel_for(0, ceil_div(n, blocksize), std::max<int64_t>(1, 16384 / blocksize),
                    [&](int64_t begin, int64_t end) { kernels.fake_quantize_4bit(args, begin, end); });

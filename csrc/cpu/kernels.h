@@ -66,17 +66,14 @@ struct FakeQuantGradArgs {
   float* dzero_point;
 };
 
-// dequantize(quantize_4bit(x)) without the packed bytes. absmax: null (each block's absmax is computed, and is also
-// the decoding scale), or the float32 absmax of every block as quantize_4bit computes it, with `scales` giving the
-// decoding scale of each block (double quantization).
+// dequantize(quantize_4bit(x)) without the packed bytes (plain absmax scales; double quantization is composed in
+// fake_quant_cpu.cpp).
 struct FakeQuant4bitArgs {
   const void* input;
   ElemType type;
   int64_t n;
   int64_t blocksize;
   Codebook4 codebook;
-  const float* absmax;
-  BlockScales scales;
   void* out;  // n elements of type
 };
 

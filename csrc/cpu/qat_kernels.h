@@ -120,8 +120,8 @@ void fake_quantize_affine_grad(const FakeQuantGradArgs& a, int64_t begin, int64_
 }
 
 // ---------------------------------------------------------------------------------------------- 4-bit, one pass
-// Each block: absmax (computed here, or given when double quantization needs all of them first), encode exactly as
-// quantize_blocks does, decode exactly as dequantize_blocks does, with no packed bytes in memory.
+// Each block: absmax, encode exactly as quantize_blocks does, decode exactly as dequantize_blocks does, with no packed
+// bytes in memory.
 template <ElemType E> void fake_quant_4bit_blocks(const FakeQuant4bitArgs& a, int64_t block_begin, int64_t block_end) {
   using T = Storage<E>;
   const T* input = static_cast<const T*>(a.input);
@@ -135,37 +135,26 @@ template <ElemType E> void fake_quant_4bit_blocks(const FakeQuant4bitArgs& a, in
     T* out = output + start;
     const int64_t count = a.n - start < a.blocksize ? a.n - start : a.blocksize;
     if (count < a.blocksize) {
-      // The partial last block: divide by the clamped absmax (quantize_partial_block's rule).
+      // The partial last block: divide by the clamped absmax, which is also its scale (quantize_partial_block).
       float absmax = 0.0f;
-      if (a.absmax != nullptr) {
-        absmax = a.absmax[b];
-      } else {
-        for (int64_t i = 0; i < count; ++i) {
-          const float v = Elem<E>::load(in[i]);
-          absmax = max_propagate_nan(absmax, v < 0 ? -v : v);
-        }
-        absmax = clamp_absmax(absmax);
+      for (int64_t i = 0; i < count; ++i) {
+        const float v = Elem<E>::load(in[i]);
+        absmax = max_propagate_nan(absmax, v < 0 ? -v : v);
       }
-      const float scale = a.absmax != nullptr ? a.scales(b) : absmax;
+      absmax = clamp_absmax(absmax);
       for (int64_t i = 0; i < count; ++i) {
         const uint8_t code = encode_4bit(Elem<E>::load(in[i]) / absmax, a.codebook);
-        out[i] = Elem<E>::store(a.codebook.value[code] * scale);
+        out[i] = Elem<E>::store(a.codebook.value[code] * absmax);
       }
       continue;
     }
-    float absmax;
-    if (a.absmax != nullptr) {
-      absmax = a.absmax[b];
-    } else {
-      AbsMax acc;
-      for (int64_t c = 0; c < chunks_per_block; ++c) acc.add(load_chunk<E>(in + 16 * c));
-      absmax = acc.result();
-    }
+    AbsMax acc;
+    for (int64_t c = 0; c < chunks_per_block; ++c) acc.add(load_chunk<E>(in + 16 * c));
+    const float absmax = acc.result();
     const float multiplier = full_block_multiplier(absmax);
-    const float scale = a.absmax != nullptr ? a.scales(b) : absmax;
     for (int64_t c = 0; c < chunks_per_block; ++c) {
       const uint64_t bytes = encoder.encode(mul_chunk(load_chunk<E>(in + 16 * c), multiplier));
-      store_chunk<E>(out + 16 * c, mul_chunk(decoder.decode(bytes), scale));
+      store_chunk<E>(out + 16 * c, mul_chunk(decoder.decode(bytes), absmax));
     }
   }
 }
