@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..functional import dequantize_4bit, matmul_4bit, quantize_4bit
+from ..functional import dequantize_4bit, quantize_4bit
 from ..quant_state import QuantState, quant_map
 
 __all__ = ["Linear4bit"]
@@ -150,11 +150,25 @@ class Linear4bit(nn.Module):
         """The weight as a dense tensor (``dtype`` or the dtype it had before quantization)."""
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
+    def op_args(self) -> tuple:
+        """The weight as fourbit's ops take it, read from the registered tensors now: ``(packed, absmax, blocksize,
+        quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)``. Forward passes use this instead
+        of ``quant_state`` (no Python objects built per call: at decode sizes that overhead is the layer's cost)."""
+        nested = self.weight_nested_absmax
+        return (self.weight, self.weight_absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
+                nested, self.weight_nested_quant_map if nested is not None else None,
+                self.weight_offset if nested is not None else None, self.nested_blocksize or 256)  # fmt: skip
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return matmul_4bit(x.to(dtype), self.weight, self.quant_state, bias).to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize = self.op_args()
+        y = torch.ops.fourbit.matmul_4bit(x if x.dtype == dtype else x.to(dtype), packed, absmax, blocksize, quant_type,
+                                          shape, bias, nested_absmax, nested_code, offset, nested_blocksize)  # fmt: skip
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         nested = ", double quantized" if self.weight_nested_absmax is not None else ""

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..functional import lora_linear, lora_linear_multi, matmul_4bit, quantize_4bit
+from ..functional import lora_linear_multi, matmul_4bit, quantize_4bit
 from .linear4bit import Linear4bit
 
 __all__ = ["LoRALinear"]
@@ -215,13 +215,18 @@ class LoRALinear(nn.Module):
     def _qlora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
         dtype = base.compute_dtype or x.dtype
-        xc = x.to(dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
         dropout = self.lora_dropout[name]
-        lora_x = dropout(xc) if isinstance(dropout, nn.Dropout) and self.training else None
-        bias = base.bias.to(dtype) if base.bias is not None else None
-        y = lora_linear(xc, base.weight, base.quant_state, self.lora_A[name].weight, self.lora_B[name].weight,
-                        self.scaling[name], bias, lora_x)  # fmt: skip
-        return y.to(x.dtype)
+        lora_x = dropout(xc) if self.training and isinstance(dropout, nn.Dropout) else None
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize = base.op_args()
+        y = torch.ops.fourbit.lora_linear(
+            xc, packed, absmax, blocksize, quant_type, shape, self.lora_A[name].weight, self.lora_B[name].weight,
+            float(self.scaling[name]), bias, lora_x, nested_absmax, nested_code, offset, nested_blocksize,
+        )  # fmt: skip
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Row i of the batch uses adapter ``adapter_names[i]`` ("__base__": none), as PEFT's ``adapter_names``."""
