@@ -8,6 +8,7 @@ libraries. Options fourbit does not implement are refused with an error naming t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class LoraConfig:
             linear layer but the output layer). None: the model type's usual targets (PEFT's defaults).
         exclude_modules: names, suffixes or a regular expression never to adapt.
         use_rslora, use_dora: rank-stabilised scaling; DoRA (weight-decomposed LoRA).
-        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r), B zeros) or False.
+        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A normal with std 1/r, B zeros) or False.
         bias: "none", "all" (every bias trains and is saved) or "lora_only" (biases of adapted layers).
         modules_to_save: names or suffixes of modules trained in full and saved with the adapter (e.g. a
             classification head).
@@ -89,8 +90,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -125,7 +126,7 @@ class LoraConfig:
                 raise TypeError(f"{name} must be a dict of {{regex: value}}, got {pattern!r}")
             for key, value in pattern.items():
                 _compile(key, f"{name} key")
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
                     raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
 
     # ------------------------------------------------------------------ per-module values

@@ -11,6 +11,7 @@ names (``<path>.base_layer``, ``<path>.lora_A.<adapter>``, ...), so the tensor n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -196,6 +197,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     configs = _adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete_adapter() it first")
+    config = dataclasses.replace(config)  # the model keeps its own copy (fan_in_fan_out may be set below)
     first = not configs
     targets = _resolve_targets(model, config)
     for target in config.modules_to_save or []:  # checked before anything changes

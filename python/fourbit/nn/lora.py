@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
         r: rank (> 0). lora_alpha: the scale numerator. lora_dropout: dropout on the LoRA input.
         use_rslora: ``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
         init_lora_weights: True (PEFT's default: A kaiming-uniform with a = sqrt(5), B = 0, so the adapter starts as
-            a no-op), "gaussian" (A ~ N(0, 1/r), B = 0) or False (A and B random, for tests).
+            a no-op), "gaussian" (A normal with std 1/r, B = 0) or False (A and B random, for tests).
     """
 
     def __init__(
@@ -84,11 +84,11 @@ class LoRALinear(nn.Module):
                      use_dora=False):  # fmt: skip
         """Adds (or replaces) the adapter ``adapter_name``. With ``use_dora`` it is a DoRA adapter: a trainable
         magnitude per output row, initialised to the row norms of ``W + scaling * B @ A``."""
-        if not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
@@ -140,7 +140,8 @@ class LoRALinear(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Within this context the layer is its base layer (merged adapters are unmerged first)."""
+        """Within this context the layer computes its base layer only. A merged layer is unmerged at its first
+        forward inside the context (so the base weight is the original one) and stays unmerged afterwards."""
         previous = self._disable_adapters
         self._disable_adapters = True
         try:
