@@ -767,24 +767,17 @@ def test_device_mismatch(what):
             fourbit.dequantize_4bit(Pc, Sc, out=torch.empty(32, 64))
 
 
-# ---------------------------------------------------------------- known gaps in files this pass could not change
-# Each documents a gap found by this matrix or by the fuzzer in a file another issue owns; strict, so that the fix
-# turns it into a failure that asks for the mark to be removed.
-@pytest.mark.xfail(strict=True, raises=(pytest.fail.Exception, IndexError),
-                   reason="lora_linear_multi (functional.py) does not check adapter_index values")  # fmt: skip
+# ---------------------------------------------------------------- gaps this matrix found (fixed since)
 @pytest.mark.parametrize("index", [5, -2])
-def test_gap_lora_linear_multi_adapter_index_out_of_range(index):
+def test_lora_linear_multi_adapter_index_out_of_range(index):
     # 5: torch's IndexError, naming neither the argument nor the range (a device-side assert on CUDA); -2: silently
     # treated as "no adapter".
     with pytest.raises(ValueError, match=rf"adapter_index must hold values in \[-1, 2\), got {index}"):
         _multi(index=torch.tensor([0, index, -1]))
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError),
-                   reason="quantize_4bit (functional.py) passes a non-int blocksize to the op, whose cast error does "
-                          "not name it")  # fmt: skip
 @pytest.mark.parametrize("blocksize", [64.0, "64", 1 << 70])
-def test_gap_quantize_blocksize_of_the_wrong_type(blocksize):
+def test_quantize_blocksize_of_the_wrong_type(blocksize):
     with pytest.raises((TypeError, ValueError), match="blocksize"):
         fourbit.quantize_4bit(torch.randn(128), blocksize)
 

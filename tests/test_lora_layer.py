@@ -270,3 +270,23 @@ def test_dora_merge_unmerge_nn_linear_round_trip():
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(base.weight, weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32])
+def test_qlora_layer_under_cpu_bf16_autocast(compute_dtype):
+    """Inside autocast the fused op gets its operands cast by the layer, fp32 adapters included; the packed data and
+    scales are never cast, and gradients reach the fp32 adapters."""
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(128, 64), compute_dtype=compute_dtype)
+    layer = LoRALinear(base, r=4, init_lora_weights=False)
+    x = torch.randn(3, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert base.weight.dtype == torch.uint8 and base.weight_nested_absmax.dtype == torch.float32
+    with torch.no_grad():
+        expected = layer(x.to(torch.bfloat16) if compute_dtype is None else x)
+    tol = dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), expected.float(), **tol)
+    y.float().square().sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None and layer.lora_A["default"].weight.grad.dtype == torch.float32

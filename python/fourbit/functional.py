@@ -56,6 +56,10 @@ def quantize_4bit(
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
     if not isinstance(quant_storage, torch.dtype):
         raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, got {blocksize!r}")
+    if not 32 <= blocksize <= 4096:  # before the op: a Python int beyond int64 would fail in the cast, unnamed
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
     packed, absmax = torch.ops.fourbit.quantize_4bit(A.detach(), blocksize, quant_type)
     code = quant_map(quant_type, A.device)
     if compress_statistics:
@@ -159,6 +163,8 @@ def lora_linear(
     and never keeps a full dequantized copy.
     """
     _check_weight_state(quant_state, "lora_linear")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a number, got {scaling!r}")
     absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
     return torch.ops.fourbit.lora_linear(
         x, packed, absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), lora_A, lora_B,
@@ -193,6 +199,9 @@ def lora_linear_multi(
             f"{list(lora_A.shape)} and {list(lora_B.shape)}"
         )
     adapters = lora_A.shape[0]
+    if not isinstance(scaling, torch.Tensor) or not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"scaling and adapter_index must be tensors, got {type(scaling).__name__} and "
+                        f"{type(adapter_index).__name__}")  # fmt: skip
     if scaling.shape != (adapters,):
         raise ValueError(f"scaling must have shape [{adapters}], got {list(scaling.shape)}")
     if adapter_index.dtype not in (torch.int32, torch.int64) or adapter_index.shape != (x.shape[0],):
@@ -200,6 +209,12 @@ def lora_linear_multi(
             f"adapter_index must be an integer tensor of shape [{x.shape[0]}] (one adapter per batch row), got "
             f"{adapter_index.dtype} {list(adapter_index.shape)}"
         )
+    if adapter_index.device.type == "cpu" and adapter_index.numel():
+        # Values are checked where that costs no device synchronisation (on a GPU an out-of-range index is a
+        # device-side assert in the gather below).
+        low, high = int(adapter_index.min()), int(adapter_index.max())
+        if low < -1 or high >= adapters:
+            raise ValueError(f"adapter_index must hold values in [-1, {adapters}), got {low if low < -1 else high}")
     y = matmul_4bit(x, packed, quant_state, bias)
     index = adapter_index.long()
     valid = index >= 0

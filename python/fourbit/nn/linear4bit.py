@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -159,16 +160,28 @@ class Linear4bit(nn.Module):
                 nested, self.weight_nested_quant_map if nested is not None else None,
                 self.weight_offset if nested is not None else None, self.nested_blocksize or 256)  # fmt: skip
 
+    def dtypes_for(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, bool]:
+        """(compute dtype, output dtype, autocast on) for input ``x``: ``compute_dtype`` if set, else autocast's
+        dtype inside an autocast region (whose output dtype the layer then returns, like ``nn.Linear``), else x's."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return self.compute_dtype or dtype, dtype, True
+        return self.compute_dtype or x.dtype, x.dtype, False
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
+        dtype, out_dtype, autocast = self.dtypes_for(x)
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize = self.op_args()
-        y = torch.ops.fourbit.matmul_4bit(x if x.dtype == dtype else x.to(dtype), packed, absmax, blocksize, quant_type,
-                                          shape, bias, nested_absmax, nested_code, offset, nested_blocksize)  # fmt: skip
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        # Inside autocast the op runs with autocast off: the operands are cast here, never the packed data or scales.
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            y = torch.ops.fourbit.matmul_4bit(x if x.dtype == dtype else x.to(dtype), packed, absmax, blocksize,
+                                              quant_type, shape, bias, nested_absmax, nested_code, offset,
+                                              nested_blocksize)  # fmt: skip
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def extra_repr(self) -> str:
         nested = ", double quantized" if self.weight_nested_absmax is not None else ""

@@ -215,7 +215,7 @@ class LoRALinear(nn.Module):
 
     def _qlora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
-        dtype = base.compute_dtype or x.dtype
+        dtype, out_dtype, autocast = base.dtypes_for(x)
         xc = x if x.dtype == dtype else x.to(dtype)
         dropout = self.lora_dropout[name]
         lora_x = dropout(xc) if self.training and isinstance(dropout, nn.Dropout) else None
@@ -223,11 +223,14 @@ class LoRALinear(nn.Module):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize = base.op_args()
-        y = torch.ops.fourbit.lora_linear(
-            xc, packed, absmax, blocksize, quant_type, shape, self.lora_A[name].weight, self.lora_B[name].weight,
-            float(self.scaling[name]), bias, lora_x, nested_absmax, nested_code, offset, nested_blocksize,
-        )  # fmt: skip
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        # Inside autocast the op runs with autocast off (it casts x itself; float32 adapters stay float32, as PEFT
+        # keeps them, and the packed data and scales are never cast).
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            y = torch.ops.fourbit.lora_linear(
+                xc, packed, absmax, blocksize, quant_type, shape, self.lora_A[name].weight, self.lora_B[name].weight,
+                float(self.scaling[name]), bias, lora_x, nested_absmax, nested_code, offset, nested_blocksize,
+            )  # fmt: skip
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Row i of the batch uses adapter ``adapter_names[i]`` ("__base__": none), as PEFT's ``adapter_names``."""
