@@ -155,10 +155,16 @@ class Linear4bit(nn.Module):
         """The weight as fourbit's ops take it, read from the registered tensors now: ``(packed, absmax, blocksize,
         quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)``. Forward passes use this instead
         of ``quant_state`` (no Python objects built per call: at decode sizes that overhead is the layer's cost)."""
-        nested = self.weight_nested_absmax
-        return (self.weight, self.weight_absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
-                nested, self.weight_nested_quant_map if nested is not None else None,
-                self.weight_offset if nested is not None else None, self.nested_blocksize or 256)  # fmt: skip
+        # The registered tensors straight from the module's tables (nn.Module.__getattr__ per name is a measurable
+        # part of a decode step); the scales are buffers, or parameters after scales_as_parameters().
+        params, buffers = self._parameters, self._buffers
+        absmax = buffers["weight_absmax"] if "weight_absmax" in buffers else params["weight_absmax"]
+        nested = buffers["weight_nested_absmax"] if "weight_nested_absmax" in buffers else params["weight_nested_absmax"]
+        if nested is None:
+            return (params["weight"], absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
+                    None, None, None, 256)  # fmt: skip
+        return (params["weight"], absmax, self.blocksize, self.quant_type, [self.out_features, self.in_features],
+                nested, buffers["weight_nested_quant_map"], buffers["weight_offset"], self.nested_blocksize)  # fmt: skip
 
     def dtypes_for(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, bool]:
         """(compute dtype, output dtype, autocast on) for input ``x``: ``compute_dtype`` if set, else autocast's
