@@ -165,7 +165,10 @@ def merge_figure() -> tuple[str, dict]:
 def demo_figure(steps: int) -> tuple[str, dict]:
     from fourbit import demo
 
-    config = demo.DemoConfig(out=str(FIGURES / "demo"), steps=steps, progress=False)
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="fourbit-demo-"))  # the adapter and raw figures stay out of the repo
+    config = demo.DemoConfig(out=str(out), steps=steps, progress=False)
     results = demo.run_demo(config)
     rows, data = [], {}
     for kind, r in results.items():
@@ -175,7 +178,7 @@ def demo_figure(steps: int) -> tuple[str, dict]:
         data[kind]["last_loss"] = last
         rows.append([label, f"{r['weights_mib']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['train_tokens_per_s']:.0f}",
                      f"{r['decode_tokens_per_s']:.1f}", f"{r['losses'][0]:.3f} -> {last:.3f}"])  # fmt: skip
-    (FIGURES / "demo_loss.png").write_bytes((FIGURES / "demo" / "loss.png").read_bytes())
+    (FIGURES / "demo_loss.png").write_bytes((out / "loss.png").read_bytes())
     text = (f"`python -m fourbit demo --steps {steps}` (2 threads; each run in a fresh process; peak RSS includes "
             "Python, torch and transformers, about 1 GiB). ![loss curves](figures/demo_loss.png)\n\n"
             + _table(["run", "weights (MiB)", "peak RSS (MiB)", "train tokens/s", "decode tokens/s", "loss"], rows))
