@@ -366,7 +366,7 @@ def _cases() -> list[Case]:
     add("lora-weight-rank", lambda: _lora(state=_with(S, shape=(2048,))), ValueError,
         r"lora_linear needs a 2-D weight, got quant_state.shape \(2048,\)")
     add("lora-packed-short", lambda: _lora(packed=P[:100]), ValueError, "packed holds 100 bytes", lies_to_kernel=True)
-    add("lora-scaling-str", lambda: _lora(scaling="two"), ValueError, "could not convert string to float: 'two'")
+    add("lora-scaling-str", lambda: _lora(scaling="two"), TypeError, "scaling must be a number, got 'two'")
     for s in (nan, float("inf"), -float("inf")):
         add(f"lora-scaling-{s}", lambda s=s: _lora(scaling=s), ValueError, f"scaling must be finite, got {s}")
 
