@@ -30,6 +30,13 @@ qat_rc=$?
 tail -n 3 "$OUT/test_qat_cuda.log"
 [ $tests_rc -eq 0 ] && tests_rc=$qat_rc
 
+log "other CUDA tests (adapters, prompt tuning, large tensors with 64-bit indexing, device-mismatch errors)"
+python -m pytest tests/test_adapters.py tests/test_prompt_tuning.py tests/test_large.py tests/test_bad_input_matrix.py \
+  -q -p no:cacheprovider -k "cuda or device or gpu" >"$OUT/test_other_cuda.log" 2>&1
+other_rc=$?
+tail -n 3 "$OUT/test_other_cuda.log"
+[ $tests_rc -eq 0 ] && tests_rc=$other_rc
+
 if command -v compute-sanitizer >/dev/null 2>&1; then
   log "compute-sanitizer memcheck on a small case"
   compute-sanitizer --tool memcheck --error-exitcode 3 python -c "
