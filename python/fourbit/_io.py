@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_folder_save", "resolve_folder", "read_json", "read_safetensors", "write_safetensors"]
+__all__ = ["atomic_folder_save", "resolve_folder", "read_json", "read_safetensors", "write_safetensors",
+           "copy_checked_tensors"]
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -109,3 +110,27 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+def copy_checked_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copies ``tensors`` (read from ``folder``) into the parameters ``expected`` (file key -> parameter) after
+    checking all of them: the same names, the same shapes, floating point, finite. Nothing is copied if one fails."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {str(folder)!r} does not match its config on this model: "
+            f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, param in expected.items():
+        value = tensors[key]
+        if value.shape != param.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"adapter tensor {key} has dtype {value.dtype}; expected a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapter tensor {key} contains NaN or inf")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])

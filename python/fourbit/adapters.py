@@ -423,24 +423,7 @@ def load_bottleneck_adapters(model: nn.Module, path: str, adapter_name: str = "d
     )  # fmt: skip
     try:
         expected = _file_tensors(model, adapter_name)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter {str(folder)!r} does not match its config on this model: missing tensors {missing[:5]}, "
-                f"unexpected tensors {unexpected[:5]}"
-            )
-        for key, param in expected.items():
-            value = tensors[key]
-            if value.shape != param.shape:
-                raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
-            if not value.is_floating_point():
-                raise ValueError(f"adapter tensor {key} has dtype {value.dtype}; expected a floating-point tensor")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"adapter tensor {key} contains NaN or inf")
-        with torch.no_grad():
-            for key, param in expected.items():
-                param.copy_(tensors[key])
+        _io.copy_checked_tensors(expected, tensors, folder)
     except Exception:
         delete_bottleneck_adapter(model, adapter_name)
         for name, p in model.named_parameters():

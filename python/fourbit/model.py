@@ -496,25 +496,7 @@ def load_adapter_weights(model: nn.Module, path: str, adapter_name: str = "defau
 def _copy_adapter_tensors(model, adapter_name, tensors, folder) -> dict[str, nn.Parameter]:
     """Checks every tensor against the adapter's parameters (names, shapes, dtype, finite), then copies them."""
     expected = _adapter_tensors(model, adapter_name)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter {str(folder)!r} does not match its config on this model: "
-            f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, param in expected.items():
-        value = tensors[key]
-        if value.shape != param.shape:
-            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"adapter tensor {key} has dtype {value.dtype}; expected a floating-point tensor")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"adapter tensor {key} contains NaN or inf")
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key])
+    _io.copy_checked_tensors(expected, tensors, folder)
     return expected
 
 
