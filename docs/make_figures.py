@@ -161,6 +161,57 @@ def merge_figure() -> tuple[str, dict]:
     return text, data
 
 
+# ---------------------------------------------------------------------------------------------- PTQ vs QAT
+def qat_figure() -> tuple[str, dict]:
+    """The experiment of tests/test_qat.py: a small MLP fits a generated regression task; then either 30 more float
+    steps and post-training quantization, or 30 QAT steps and conversion, from the same starting point."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fourbit import qat
+
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    t0, t1 = torch.randn(d, 64, generator=g) / d**0.5, torch.randn(64, 4, generator=g) / 8
+    x_all = torch.randn(1024, d, generator=g)
+    y_all = torch.tanh(x_all @ t0) @ t1
+    x, y, x_test, y_test = x_all[:512], y_all[:512], x_all[512:], y_all[512:]
+
+    def fit(model, steps, lr):
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+
+    def mse(model):
+        with torch.no_grad():
+            return F.mse_loss(model(x_test), y_test).item()
+
+    rows, data = [], {}
+    for label, config in (
+        ("int4 symmetric, groups of 32", qat.QATConfig(qat.IntWeightConfig(4, 32), skip_modules=())),
+        ("NF4, blocks of 64", qat.QATConfig(qat.FourBitWeightConfig("nf4", 64), skip_modules=())),
+    ):
+        torch.manual_seed(4)
+        base = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+        fit(base, 120, 1e-2)
+        ptq = copy.deepcopy(base)
+        fit(ptq, 30, 2e-3)
+        float_loss = mse(ptq)
+        qat.convert_qat(qat.prepare_qat(ptq, config))
+        trained = qat.prepare_qat(copy.deepcopy(base), config)
+        fit(trained, 30, 2e-3)
+        qat.convert_qat(trained)
+        ptq_loss, qat_loss = mse(ptq), mse(trained)
+        data[label] = dict(float=float_loss, ptq=ptq_loss, qat=qat_loss)
+        rows.append([label, f"{float_loss:.5f}", f"{ptq_loss:.5f}", f"{qat_loss:.5f}"])
+    text = ("A 3-layer MLP on a generated regression task (tests/test_qat.py asserts the direction); held-out MSE, "
+            "lower is better.\n\n"
+            + _table(["weights", "float model", "PTQ (train in float, then quantize)", "QAT"], rows))
+    return text, data
+
+
 # ---------------------------------------------------------------------------------------------- demo runs
 def demo_figure(steps: int) -> tuple[str, dict]:
     from fourbit import demo
@@ -221,7 +272,7 @@ def main(argv=None) -> int:
     guide_path = DOCS / "guide.md"
     guide = guide_path.read_text()
     previous = json.loads((FIGURES / "figures.json").read_text()) if (FIGURES / "figures.json").exists() else {}
-    figures = {"memory": memory_figure, "quant_error": error_figure, "merge": merge_figure}
+    figures = {"memory": memory_figure, "quant_error": error_figure, "merge": merge_figure, "qat": qat_figure}
     if not args.no_demo:
         figures["demo"] = lambda: demo_figure(args.demo_steps)
     for name, make in figures.items():
