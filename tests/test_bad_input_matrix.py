@@ -242,7 +242,7 @@ def _cases() -> list[Case]:
         r"out must be contiguous with 2048 elements, got shape \[32, 64\] and strides \[1, 32\]", lies_to_kernel=True)
     for dt in (torch.int32, torch.float64):
         add(f"dequantize-out-{dt}", lambda dt=dt: fourbit.dequantize_4bit(P, S, out=torch.empty(32, 64, dtype=dt)),
-            TypeError, r"dtype \(the output dtype\) must be float32, float16 or bfloat16, got (Int|Double)")
+            TypeError, r"out must be float32, float16 or bfloat16, got torch\.(int32|float64)")
     add("dequantize-out-dtype-disagrees",
         lambda: fourbit.dequantize_4bit(P, S, torch.float16, out=torch.empty(32, 64)), ValueError,
         "out_dtype torch.float16 disagrees with out.dtype torch.float32")

@@ -106,6 +106,10 @@ def dequantize_4bit(
     _check_quant_state(quant_state)
     absmax, nested_absmax, nested_code, offset, nested_blocksize = quant_state.op_args()
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
         if out_dtype is not None and out_dtype != out.dtype:
             raise ValueError(f"out_dtype {out_dtype} disagrees with out.dtype {out.dtype}")
         torch.ops.fourbit.dequantize_4bit_into(
