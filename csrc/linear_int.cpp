@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "qat_checks.h"
+#include "tiled_matmul.h"
 
 namespace fourbit {
 namespace {
@@ -32,16 +33,6 @@ IntWeight check_int_weight(const at::Tensor& qweight, const at::Tensor& scale, c
   const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
   check_int_weight_args(qweight, scale, zero_point, bits, group_size, sizes);
   return {qweight, scale, zero_point, bits, group_size, sizes[0], sizes[1]};
-}
-
-void check_activation(const at::Tensor& t, const char* name, int64_t features, const char* what,
-                      const at::Tensor& qweight) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
-                   name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, name, " must end in ", what, " = ", features,
-                    ", got shape ", t.sizes());
-  check_same_device(t, name, qweight, "qweight");
 }
 
 const auto& dequantize_into_op() {
@@ -63,8 +54,7 @@ at::Tensor dequantize_int(const at::Tensor& qweight, const at::Tensor& scale, co
 
 // Calls fn(row0, rows, tile) for consecutive tiles of W's rows dequantized in `dtype` (float64 via float32).
 template <typename F> void for_each_int_tile(const IntWeight& w, at::ScalarType dtype, F&& fn) {
-  const int64_t tile_elements = std::clamp<int64_t>(w.N * w.K / 4, int64_t{1} << 16, int64_t{1} << 22);
-  const int64_t tile_rows = std::max<int64_t>(1, tile_elements / std::max<int64_t>(w.K, 1));
+  const int64_t tile_rows = std::max<int64_t>(1, tile_elements(w.N * w.K) / std::max<int64_t>(w.K, 1));
   const at::ScalarType buffer_dtype = dtype == at::kDouble ? at::kFloat : dtype;
   at::Tensor buffer = at::empty({std::min(tile_rows, w.N), w.K}, w.qweight.options().dtype(buffer_dtype));
   for (int64_t row0 = 0; row0 < w.N; row0 += tile_rows) {
@@ -81,7 +71,7 @@ at::Tensor matmul_int(const at::Tensor& x, const at::Tensor& qweight, const at::
                       const at::Tensor& zero_point, int64_t bits, int64_t group_size, c10::SymIntArrayRef shape,
                       const OptTensor& bias) {
   const IntWeight w = check_int_weight(qweight, scale, zero_point, bits, group_size, shape);
-  check_activation(x, "x", w.K, "in_features", qweight);
+  check_activation(x, "x", w.K, "in_features", qweight, "qweight");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N, "bias must have shape [", w.N, "], got ",
                       bias->sizes());
@@ -90,14 +80,9 @@ at::Tensor matmul_int(const at::Tensor& x, const at::Tensor& qweight, const at::
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.N;
   at::Tensor out = at::empty(out_shape, x.options());
-  const at::Tensor xc = x.reshape({-1, w.K}).contiguous();
-  at::Tensor y = out.view({xc.size(0), w.N});
-  if (xc.size(0) > 0) {
-    for_each_int_tile(w, x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      at::Tensor part = y.narrow(1, row0, rows);
-      at::mm_out(part, xc, tile.t());
-    });
-  }
+  const at::Tensor x2 = x.reshape({leading_rows(x), w.K});
+  at::Tensor y = out.view({x2.size(0), w.N});
+  tiled_forward(x2, y, w.N, [&](at::ScalarType dtype, auto&& fn) { for_each_int_tile(w, dtype, fn); });
   if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
   return out;
 }
@@ -106,26 +91,8 @@ at::Tensor matmul_int_grad_x(const at::Tensor& grad_y, const at::Tensor& qweight
                              const at::Tensor& zero_point, int64_t bits, int64_t group_size,
                              c10::SymIntArrayRef shape) {
   const IntWeight w = check_int_weight(qweight, scale, zero_point, bits, group_size, shape);
-  check_activation(grad_y, "grad_y", w.N, "out_features", qweight);
-  std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
-  in_shape.back() = w.K;
-  const at::Tensor g = grad_y.reshape({-1, w.N}).contiguous();
-  at::Tensor out = at::zeros(in_shape, grad_y.options());
-  at::Tensor grad_x = out.view({g.size(0), w.K});
-  if (g.size(0) > 0) {
-    // Split-K over the tiles: 16-bit gradients accumulate in float32 (as matmul_4bit_grad_x does).
-    const bool half = grad_y.scalar_type() == at::kHalf || grad_y.scalar_type() == at::kBFloat16;
-    at::Tensor acc = half ? at::zeros({g.size(0), w.K}, grad_y.options().dtype(at::kFloat)) : grad_x;
-    for_each_int_tile(w, grad_y.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      if (half) {
-        acc.add_(at::mm(g.narrow(1, row0, rows), tile));
-      } else {
-        acc.addmm_(g.narrow(1, row0, rows), tile);
-      }
-    });
-    if (half) grad_x.copy_(acc);
-  }
-  return out;
+  check_activation(grad_y, "grad_y", w.N, "out_features", qweight, "qweight");
+  return tiled_grad_x(grad_y, w.N, w.K, [&](at::ScalarType dtype, auto&& fn) { for_each_int_tile(w, dtype, fn); });
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 
 #include "cpu/matmul_cpu.h"
 #include "quant_checks.h"
+#include "tiled_matmul.h"
 
 namespace fourbit {
 namespace {
@@ -27,17 +28,6 @@ namespace {
 // 4096 x 4096 layers, 2 threads, AVX-512). The GEMV computes in float32, so its cost grows with the batch, and with
 // 16-bit activations it competes with BLAS running bf16 dot-product instructions, which catches up sooner.
 int64_t cpu_gemv_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 8 : 2; }
-
-// Elements of W dequantized per tile: at most a quarter of W (the extra-memory budget) and at most 4M elements.
-// Large tiles matter: BLAS runs a [16 x 4096] @ [4096 x 64] product at a third of the speed of [... x 1024]
-// (measured, fp32 and bf16), so tiles of few rows cost more in GEMM time than they save in cache misses.
-int64_t tile_elements(int64_t weight_elements) {
-  return std::clamp<int64_t>(weight_elements / 4, int64_t{1} << 16, int64_t{1} << 22);
-}
-
-// Below this many rows of x, the forward computes tile @ x.T (a [rows, M] block of y.T): BLAS is faster with the
-// long dimension first (measured: bf16, M = 16, 1.5 ms against 2.1 ms per 4096 x 4096 layer).
-constexpr int64_t kTransposedForwardMaxRows = 64;
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -75,24 +65,6 @@ Weight4bit check_weight(const at::Tensor& packed, const at::Tensor& absmax, int6
           sizes[0], sizes[1]};
 }
 
-// Rows of a [..., features] activation: the product of its leading sizes. (reshape({-1, features}) cannot infer it
-// when features is 0.)
-int64_t leading_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return rows;
-}
-
-void check_activation(const at::Tensor& t, const char* name, int64_t features, const char* what,
-                      const at::Tensor& packed) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kDouble,
-                   name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == features, name, " must end in ", what, " = ", features,
-                    ", got shape ", t.sizes());
-  check_same_device(t, name, packed, "packed");
-}
-
 // Calls fn(row0, rows, tile) for consecutive tiles of W's rows, dequantized in `dtype` (float64 via float32). Tile
 // starts stay block aligned, so each tile is a valid 4-bit tensor of its own.
 template <typename F>
@@ -128,7 +100,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t nested_blocksize) {
   const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
                                     offset, nested_blocksize);
-  check_activation(x, "x", w.K, "in_features", packed);
+  check_activation(x, "x", w.K, "in_features", packed, "packed");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.N, "bias must have shape [", w.N, "], got ",
                       bias->sizes());
@@ -146,20 +118,8 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
-  } else if (M > 0 && M <= kTransposedForwardMaxRows) {
-    const at::Tensor xc = x2.contiguous();
-    at::Tensor yt = at::empty({w.N, M}, x.options());
-    for_each_weight_tile(w, x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      at::Tensor part = yt.narrow(0, row0, rows);
-      at::mm_out(part, tile, xc.t());
-    });
-    y.copy_(yt.t());
-  } else if (M > 0) {
-    const at::Tensor xc = x2.contiguous();
-    for_each_weight_tile(w, x.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      at::Tensor part = y.narrow(1, row0, rows);
-      at::mm_out(part, xc, tile.t());
-    });
+  } else {
+    tiled_forward(x2, y, w.N, [&](at::ScalarType dtype, auto&& fn) { for_each_weight_tile(w, dtype, fn); });
   }
   if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
   return out;
@@ -171,27 +131,9 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
                               int64_t nested_blocksize) {
   const Weight4bit w = check_weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
                                     offset, nested_blocksize);
-  check_activation(grad_y, "grad_y", w.N, "out_features", packed);
-  std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
-  in_shape.back() = w.K;
-  const at::Tensor g = grad_y.reshape({leading_rows(grad_y), w.N}).contiguous();
-  at::Tensor out = at::zeros(in_shape, grad_y.options());
-  at::Tensor grad_x = out.view({g.size(0), w.K});
-  if (g.size(0) > 0) {
-    // The sum over tiles is a split-K GEMM: 16-bit gradients are accumulated in float32 (each tile's product is
-    // rounded once), so the result does not lose a bit of precision per tile.
-    const bool half = grad_y.scalar_type() == at::kHalf || grad_y.scalar_type() == at::kBFloat16;
-    at::Tensor acc = half ? at::zeros({g.size(0), w.K}, grad_y.options().dtype(at::kFloat)) : grad_x;
-    for_each_weight_tile(w, grad_y.scalar_type(), [&](int64_t row0, int64_t rows, const at::Tensor& tile) {
-      if (half) {
-        acc.add_(at::mm(g.narrow(1, row0, rows), tile));
-      } else {
-        acc.addmm_(g.narrow(1, row0, rows), tile);
-      }
-    });
-    if (half) grad_x.copy_(acc);
-  }
-  return out;
+  check_activation(grad_y, "grad_y", w.N, "out_features", packed, "packed");
+  return tiled_grad_x(grad_y, w.N, w.K,
+                      [&](at::ScalarType dtype, auto&& fn) { for_each_weight_tile(w, dtype, fn); });
 }
 
 void check_adapters(const at::Tensor& lora_A, const at::Tensor& lora_B, const Weight4bit& w) {
@@ -221,7 +163,7 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   if (lora_x.has_value()) {
     TORCH_CHECK_VALUE(lora_x->sizes() == x.sizes(), "lora_x must have x's shape ", x.sizes(), ", got ",
                       lora_x->sizes());
-    check_activation(*lora_x, "lora_x", w.K, "in_features", packed);
+    check_activation(*lora_x, "lora_x", w.K, "in_features", packed, "packed");
   }
   at::Tensor y = matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
                              offset, nested_blocksize);
