@@ -219,16 +219,12 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
             if not first:
                 layer.set_adapter([])
             _set_module(model, name, layer)
-    if any(_is_conv1d(m.base_layer) for _, m in _targets_after(model, targets)):
+    if any(_is_conv1d(model.get_submodule(name).base_layer) for name, _ in targets):
         config.fan_in_fan_out = True
     configs[adapter_name] = config
     if first:
         _set_extra_trainables(model, config, True)
     return model
-
-
-def _targets_after(model, targets):
-    return [(n, model.get_submodule(n)) for n, _ in targets]
 
 
 def _extra_trainables(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
