@@ -53,6 +53,39 @@ def test_gemv_and_tiled_paths_agree():
     torch.testing.assert_close(y_gemv, y_tiled[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("nk, blocksize", [((40, 96), 64), ((24, 160), 128), ((17, 32), 4096)], ids=str)
+def test_gemv_with_blocks_straddling_rows(cpu_isa, dtype, nk, blocksize):
+    # K % 32 == 0 but K % blocksize != 0: the GEMV looks up each 32-element chunk's own block, including blocks that
+    # start in one row and end in the next. Every batch up to the GEMV's largest (8) and each row-group remainder.
+    n, k = nk
+    packed, state = _weight(n, k, blocksize, nested=True)
+    for rows in range(1, 9):
+        x = torch.randn(rows, k).to(dtype)
+        expected = _reference(x, packed, state)
+        rtol, atol = TOLERANCES[dtype]
+        y = fourbit.matmul_4bit(x, packed, state)
+        torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("nk, blocksize", [((200, 100), 64), ((150, 96), 64), ((64, 4096), 256)], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 9, 40, 70])
+def test_input_gradient_matches_reference(cpu_isa, dtype, nk, blocksize, rows):
+    # Small and medium batches take the panel path on the CPU (per-thread panels of W starting on block boundaries:
+    # with K = 100 and blocksize 64 only every 16th row does), larger ones the tiled GEMM.
+    n, k = nk
+    packed, state = _weight(n, k, blocksize, nested=True)
+    x = torch.randn(rows, k).to(dtype).requires_grad_()
+    grad = torch.randn(rows, n).to(dtype)
+    (gx,) = torch.autograd.grad(fourbit.matmul_4bit(x, packed, state), x, grad)
+    assert gx.shape == (rows, k) and gx.dtype == dtype
+    w = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    expected = grad.double() @ w
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(gx.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
+
+
 def test_identity_weight_is_exact():
     # bitsandbytes' test_gemv_eye_4bit: the identity quantizes exactly (1 -> code 15 with absmax 1, 0 -> code 7).
     k = 256

@@ -30,11 +30,12 @@ struct Dequantize4bitArgs {
   int64_t n;
   int64_t blocksize;
   float lut[16];
-  void* out;  // n elements of out_type
+  void* out;  // elements [out_first, n) of out_type: out[0] holds element out_first (a block start)
   ElemType out_type;
+  int64_t out_first;
 };
 
-// y = x @ W.T for a small batch, W [N, K] 4-bit with plain float32 scales and K % blocksize == 0.
+// y = x @ W.T for a small batch, W [N, K] 4-bit with K % 32 == 0.
 struct Gemv4bitArgs {
   const float* x;  // [M, K] float32, each 32-element group deinterleaved: its 16 even elements, then its 16 odd
   int64_t M, N, K;

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-// CPU entry of the small-batch 4-bit GEMV (the kernel loops are in matmul_kernels.h, one copy per instruction set).
+// CPU entries of the 4-bit matmul: the small-batch GEMV (its loops are in matmul_kernels.h, one copy per instruction
+// set) and the panel path for the input gradient at medium batches.
 #include "cpu/matmul_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <numeric>
+
 #include "cpu/isa.h"
+#include "quant_checks.h"
 
 namespace fourbit::cpu {
 
@@ -32,6 +36,83 @@ void gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales&
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { kernels.gemv_4bit(args, begin, end); });
   if (!out.is_same(y)) y.copy_(out);
+}
+
+namespace {
+
+// A panel's dequantized bytes: about a quarter of a core's L2 on current x86 server parts (1-2 MiB), so the panel,
+// the slice of x or grad_y and BLAS's own packing buffers stay in that core's cache.
+constexpr int64_t kPanelBytes = int64_t{512} << 10;
+
+// Dequantizes rows [row0, row0 + rows) of W into `out` (contiguous, rows x K elements of out's dtype), on the calling
+// thread. row0 * K and (row0 + rows) * K are block starts (or the end of W), which panel_rows guarantees.
+void dequantize_rows(const Packed4bit& w, const QuantKernels& kernels, int64_t row0, int64_t rows,
+                     const at::Tensor& out) {
+  Dequantize4bitArgs args{};
+  args.packed = static_cast<const uint8_t*>(w.packed.const_data_ptr());
+  args.scales = w.scales;
+  args.n = w.N * w.K;
+  args.blocksize = w.blocksize;
+  const Codebook4 cb = make_codebook4(w.quant_type);
+  for (int c = 0; c < 16; ++c) args.lut[c] = cb.value[c];
+  args.out = out.mutable_data_ptr();
+  args.out_type = out.scalar_type() == at::kFloat  ? ElemType::kFloat32
+                  : out.scalar_type() == at::kHalf ? ElemType::kFloat16
+                                                   : ElemType::kBFloat16;
+  args.out_first = row0 * w.K;
+  kernels.dequantize_4bit(args, row0 * w.K / w.blocksize, ceil_div((row0 + rows) * w.K, w.blocksize));
+}
+
+// Calls fn(row0, rows, panel) for the panels [begin, end) of W, dequantized into one buffer of this thread.
+template <typename F>
+void for_each_panel(const Packed4bit& w, int64_t panel, at::ScalarType dtype, int64_t begin, int64_t end, F&& fn) {
+  // Worker threads do not inherit the caller's dispatch state: without this guard, at::mm on inputs that require
+  // grad would go through autograd (which refuses out= arguments) although the op runs below it.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const QuantKernels& kernels = select_kernels();
+  const at::Tensor buffer = at::empty({panel, w.K}, w.packed.options().dtype(dtype));
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t row0 = p * panel, rows = std::min(panel, w.N - row0);
+    const at::Tensor part = buffer.narrow(0, 0, rows);
+    dequantize_rows(w, kernels, row0, rows, part);
+    fn(row0, rows, part);
+  }
+}
+
+}  // namespace
+
+int64_t panel_rows(const Packed4bit& w, at::ScalarType dtype) {
+  if (w.K == 0 || w.N == 0) return 0;
+  const int64_t align = w.blocksize / std::gcd(w.K, w.blocksize);  // rows whose element count is a whole block
+  const int64_t fit = kPanelBytes / (w.K * c10::elementSize(dtype)) / align * align;
+  if (fit == 0) return 0;
+  // At least one panel per thread, so that every core has work.
+  const int64_t per_thread = ceil_div(ceil_div(w.N, at::get_num_threads()), align) * align;
+  return std::min(fit, per_thread);
+}
+
+void panel_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x) {
+  const at::ScalarType dtype = grad_y.scalar_type();
+  const int64_t panel = panel_rows(w, dtype), panels = ceil_div(w.N, panel);
+  // Contiguous runs of panels, one float32 accumulator each (a disjoint slice of the sum over N), added up at the
+  // end. 16-bit products are rounded once per panel before they are accumulated.
+  const int64_t runs = std::min<int64_t>(at::get_num_threads(), panels);
+  const at::Tensor partial = at::zeros({runs, grad_y.size(0), w.K}, grad_y.options().dtype(at::kFloat));
+  at::parallel_for(0, runs, 1, [&](int64_t run_begin, int64_t run_end) {
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      at::Tensor acc = partial[run];
+      const int64_t begin = panels * run / runs, end = panels * (run + 1) / runs;
+      for_each_panel(w, panel, dtype, begin, end, [&](int64_t row0, int64_t rows, const at::Tensor& W) {
+        const at::Tensor g = grad_y.narrow(1, row0, rows);
+        if (dtype == at::kFloat) {
+          acc.addmm_(g, W);
+        } else {
+          acc.add_(at::mm(g, W));
+        }
+      });
+    }
+  });
+  grad_x.copy_(partial.sum(0));
 }
 
 }  // namespace fourbit::cpu

@@ -10,8 +10,28 @@ namespace fourbit::cpu {
 
 // y [M, N] = x [M, K] @ W.T with the GEMV kernel (packed read once, nibbles decoded in registers). x: any float
 // dtype on the CPU; scales: the N * K / blocksize block scales (plain or nested, decoded in the kernel); requires
-// K % blocksize == 0. y: [M, N] contiguous, any float dtype (the kernel accumulates in float32).
+// K % 32 == 0. y: [M, N] contiguous, any float dtype (the kernel accumulates in float32).
 void gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales& scales, int64_t blocksize,
                QuantType quant_type, const at::Tensor& y);
+
+// The packed weight W [N, K] as the panel path reads it.
+struct Packed4bit {
+  const at::Tensor& packed;
+  BlockScales scales;
+  int64_t blocksize;
+  QuantType quant_type;
+  int64_t N, K;
+};
+
+// The panel path for the input gradient at medium batches: each thread dequantizes panels of a few rows
+// of W into its own cache-sized buffer and multiplies them right away, so W is read once and its dequantized values
+// stay in that core's cache (the tiled path's large tiles go through the shared cache and memory). Returns the rows
+// per panel for this weight and compute dtype (float32 / float16 / bfloat16), or 0 when the path does not apply
+// (a panel cannot both start on a block and fit the cache).
+int64_t panel_rows(const Packed4bit& w, at::ScalarType dtype);
+
+// grad_x [M, K] = grad_y [M, N] @ W; grad_y contiguous, grad_x contiguous of grad_y's dtype. The sum over panels is
+// accumulated in float32.
+void panel_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
 
 }  // namespace fourbit::cpu

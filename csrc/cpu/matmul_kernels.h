@@ -8,8 +8,14 @@
 // into its 16 even and 16 odd elements ("deinterleaved"), so 16 bytes of codes give two vectors of weights that
 // line up with x directly. Each block's scale is folded into a scaled copy of the 16-entry codebook.
 //
-// Requirements (checked by the caller): K % blocksize == 0 (blocks never straddle rows), so K % 32 == 0.
+// Requirements (checked by the caller): K % 32 == 0. Blocks may straddle rows: blocksize is a power of two >= 32, so
+// a 32-element chunk of a row never straddles a block, and each chunk looks up its own block's scale.
+//
+// Loop order (gemv_4bit below): rows of x in groups that share each decoded chunk (8 on AVX-512, 4 elsewhere); when
+// there are several groups they take turns over a few rows of W at a time, which stay in L1 meanwhile.
 #pragma once
+
+#include <algorithm>
 
 #include "cpu/kernels.h"
 
@@ -20,29 +26,34 @@
 namespace fourbit::cpu::FOURBIT_ISA_NS {
 namespace {
 
+// Rows of W that the row groups of x take turns over: 16 rows of K = 4096 are 32 KiB of codes.
+constexpr int64_t kGemvRowsPerTurn = 16;
+
+// The scale of the block holding element `index` of W (blocksize = 1 << block_shift).
+inline float chunk_scale(const Gemv4bitArgs& a, int64_t index, int block_shift) { return a.scales(index >> block_shift); }
+
+
 #if FOURBIT_ISA == 2
 // Rows of W one at a time; MT rows of x share each decoded chunk.
-template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_begin, int64_t n_end) {
+constexpr int kGemvRowGroup = 8;
+
+template <int MT>
+void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
   const __m512 lut = _mm512_loadu_ps(a.lut);
-  const int64_t chunks_per_block = a.blocksize / 32;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = a.packed + n * a.K / 2;
-    const int64_t first_block = n * a.K / a.blocksize;
     __m512 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a.K / a.blocksize; ++b) {
-      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(a.scales(first_block + b)));
-      for (int64_t c = 0; c < chunks_per_block; ++c) {
-        const int64_t k = (b * chunks_per_block + c) * 32;
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        // permutexvar reads only the low 4 bits of each index: the byte itself indexes by its low nibble.
-        const __m512 w_odd = _mm512_permutexvar_ps(bytes, block_lut);
-        const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), block_lut);
-        for (int m = 0; m < MT; ++m) {
-          const float* xs = a.x + (m0 + m) * a.K + k;
-          acc[m][0] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xs), acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xs + 16), acc[m][1]);
-        }
+    for (int64_t k = 0; k < a.K; k += 32) {
+      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(chunk_scale(a, n * a.K + k, block_shift)));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      // permutexvar reads only the low 4 bits of each index: the byte itself indexes by its low nibble.
+      const __m512 w_odd = _mm512_permutexvar_ps(bytes, block_lut);
+      const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), block_lut);
+      for (int m = 0; m < MT; ++m) {
+        const float* xs = a.x + (m0 + m) * a.K + k;
+        acc[m][0] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xs), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xs + 16), acc[m][1]);
       }
     }
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
@@ -50,6 +61,8 @@ template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_be
 }
 
 #elif FOURBIT_ISA == 1
+constexpr int kGemvRowGroup = 4;
+
 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i index) {
   const __m256 from_lo = _mm256_permutevar8x32_ps(lo, index);
   const __m256 from_hi = _mm256_permutevar8x32_ps(hi, index);
@@ -63,29 +76,26 @@ inline float reduce_add(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_begin, int64_t n_end) {
+template <int MT>
+void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
   const __m256 lut_lo = _mm256_loadu_ps(a.lut), lut_hi = _mm256_loadu_ps(a.lut + 8);
-  const int64_t chunks_per_block = a.blocksize / 32;
   const __m256i low_nibble = _mm256_set1_epi32(0xF);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = a.packed + n * a.K / 2;
-    const int64_t first_block = n * a.K / a.blocksize;
     __m256 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.K / a.blocksize; ++b) {
-      const __m256 scale = _mm256_set1_ps(a.scales(first_block + b));
+    for (int64_t k = 0; k < a.K; k += 32) {
+      const __m256 scale = _mm256_set1_ps(chunk_scale(a, n * a.K + k, block_shift));
       const __m256 lo = _mm256_mul_ps(lut_lo, scale), hi = _mm256_mul_ps(lut_hi, scale);
-      for (int64_t c = 0; c < chunks_per_block; ++c) {
-        const int64_t k = (b * chunks_per_block + c) * 32;
-        for (int half = 0; half < 2; ++half) {  // 8 bytes = 8 even + 8 odd weights
-          const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8 * half)));
-          const __m256 w_odd = lookup16(lo, hi, _mm256_and_si256(bytes, low_nibble));
-          const __m256 w_even = lookup16(lo, hi, _mm256_srli_epi32(bytes, 4));
-          for (int m = 0; m < MT; ++m) {
-            const float* xs = a.x + (m0 + m) * a.K + k + 8 * half;
-            acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xs), acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xs + 16), acc[m][1]);
-          }
+      for (int half = 0; half < 2; ++half) {  // 8 bytes = 8 even + 8 odd weights
+        const __m256i bytes =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8 * half)));
+        const __m256 w_odd = lookup16(lo, hi, _mm256_and_si256(bytes, low_nibble));
+        const __m256 w_even = lookup16(lo, hi, _mm256_srli_epi32(bytes, 4));
+        for (int m = 0; m < MT; ++m) {
+          const float* xs = a.x + (m0 + m) * a.K + k + 8 * half;
+          acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xs), acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xs + 16), acc[m][1]);
         }
       }
     }
@@ -94,13 +104,15 @@ template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_be
 }
 
 #else
-template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_begin, int64_t n_end) {
+constexpr int kGemvRowGroup = 4;
+
+template <int MT>
+void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = a.packed + n * a.K / 2;
-    const int64_t first_block = n * a.K / a.blocksize;
     float acc[MT] = {};
     for (int64_t k = 0; k < a.K; k += 32) {
-      const float scale = a.scales(first_block + k / a.blocksize);
+      const float scale = chunk_scale(a, n * a.K + k, block_shift);
       for (int j = 0; j < 16; ++j) {
         const uint8_t byte = row[k / 2 + j];
         const float w_even = a.lut[first_nibble(byte)] * scale, w_odd = a.lut[second_nibble(byte)] * scale;
@@ -115,15 +127,19 @@ template <int MT> void gemv_rows(const Gemv4bitArgs& a, int64_t m0, int64_t n_be
 }
 #endif
 
+// Rows [m, M) of x: groups of MT rows, then the remainder in halving groups.
+template <int MT>
+void gemv_groups(const Gemv4bitArgs& a, int block_shift, int64_t m, int64_t n_begin, int64_t n_end) {
+  for (; m + MT <= a.M; m += MT) gemv_rows<MT>(a, block_shift, m, n_begin, n_end);
+  if constexpr (MT > 1) gemv_groups<MT / 2>(a, block_shift, m, n_begin, n_end);
+}
+
 void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
-  // Up to 4 rows of x share each decoded chunk (8 vector accumulators); larger batches take several passes.
-  int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) gemv_rows<4>(a, m, n_begin, n_end);
-  switch (a.M - m) {
-    case 3: gemv_rows<3>(a, m, n_begin, n_end); break;
-    case 2: gemv_rows<2>(a, m, n_begin, n_end); break;
-    case 1: gemv_rows<1>(a, m, n_begin, n_end); break;
-    default: break;
+  int block_shift = 0;
+  while ((int64_t{1} << block_shift) < a.blocksize) ++block_shift;
+  const int64_t turn = a.M <= kGemvRowGroup ? n_end - n_begin : kGemvRowsPerTurn;
+  for (int64_t n = n_begin; n < n_end; n += turn) {
+    gemv_groups<kGemvRowGroup>(a, block_shift, 0, n, std::min(n_end, n + turn));
   }
 }
 

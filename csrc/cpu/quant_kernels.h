@@ -367,7 +367,7 @@ template <ElemType E> void dequantize_blocks(const Dequantize4bitArgs& a, int64_
     const int64_t start = b * a.blocksize;
     const int64_t count = a.n - start < a.blocksize ? a.n - start : a.blocksize;
     const uint8_t* in = a.packed + start / 2;
-    T* out = output + start;
+    T* out = output + (start - a.out_first);
     const int64_t full_chunks = count / 16;
     for (int64_t c = 0; c < full_chunks; ++c) {
       uint64_t bytes;
