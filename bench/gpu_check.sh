@@ -93,6 +93,9 @@ cases += benchmark.matmul_cases(dev, shape=(4096, 4096), layers=16, dtypes=(torc
 print(benchmark.format_table(benchmark.run_cases(cases, dev)))
 PY
 tail -n 8 "$OUT/bench_quant_cuda.txt"
+log "QLoRA layers against dense LoRA (batch 1 through 16 layers, forward+backward at 16 and 512; bf16 and fp32)"
+python -m fourbit bench --device cuda --suite lora --json "$OUT/bench_lora_cuda.json" >"$OUT/bench_lora_cuda.txt" 2>&1
+tail -n 10 "$OUT/bench_lora_cuda.txt"
 
 # ---------------------------------------------------------------- distributed QLoRA (fourbit.distributed, NCCL)
 # FSDP2 on NCCL over every GPU present (world size 1 on a one-GPU machine): logits and adapter gradients against

@@ -3,9 +3,11 @@
 // Registered once for every backend (CompositeExplicitAutograd; schemas in ops.cpp); the autograd formula is in
 // python/fourbit/_ops.py.
 //
-// Two paths, neither of which ever holds a full dequantized copy of W:
-//  * small batches on the CPU: the GEMV kernel (cpu/matmul_kernels.h) decodes nibbles in registers and reads the
-//    packed weight once;
+// Three paths, none of which ever holds a full dequantized copy of W:
+//  * small batches: the GEMV kernels (cpu/matmul_kernels.h, cuda/matmul_cuda.cu) decode nibbles in registers and
+//    read the packed weight once;
+//  * the input gradient at medium batches on the CPU: per-thread panels of W, dequantized into each core's cache and
+//    multiplied right away (cpu/matmul_cpu.cpp);
 //  * everything else: W is dequantized a tile of rows at a time (at most an eighth of W, see tile_elements) into one
 //    buffer in the compute dtype, and each tile goes through the backend's GEMM (BLAS / cuBLAS), writing its slice of
 //    the output (forward) or accumulating into grad_x (backward).
@@ -19,6 +21,9 @@
 
 #include "cpu/matmul_cpu.h"
 #include "quant_checks.h"
+#if defined(FOURBIT_WITH_CUDA)
+#include "cuda/matmul_cuda.h"
+#endif
 #include "tiled_matmul.h"
 
 namespace fourbit {
@@ -112,6 +117,21 @@ void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, F&& fn) {
   }
 }
 
+// The CUDA GEMV for small batches, when it applies (and the extension has CUDA kernels); returns whether it ran.
+bool gemv_4bit_cuda(const at::Tensor& x2, const Weight4bit& w, const at::Tensor& y) {
+#if defined(FOURBIT_WITH_CUDA)
+  if (!x2.is_cuda()) return false;
+  const at::Tensor xc = x2.contiguous();
+  if (!cuda::gemv_4bit_applies(xc, w.packed)) return false;
+  cuda::gemv_4bit(xc, w.packed,
+                  block_scales(w.absmax, w.nested_absmax, w.nested_code, w.offset, w.nested_blocksize), w.blocksize,
+                  parse_quant_type(w.quant_type), y);
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                        std::string_view quant_type, c10::SymIntArrayRef shape, const OptTensor& bias,
                        const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& offset,
@@ -136,7 +156,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
-  } else {
+  } else if (!gemv_4bit_cuda(x2, w, y)) {
     tiled_forward(x2, y, w.N, [&](at::ScalarType dtype, auto&& fn) { for_each_weight_tile(w, dtype, fn); });
   }
   if (bias.has_value()) y.add_(bias->to(y.scalar_type()));

@@ -102,3 +102,29 @@ def test_cuda_matmul_matches_cpu(dtype, rows):
     w_hat = fourbit.dequantize_4bit(packed, state).double()
     expected_grad = torch.ones(rows, 512, dtype=torch.float64) @ w_hat
     torch.testing.assert_close(xg.grad.double().cpu(), expected_grad, rtol=tol, atol=tol * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("nkb", [(40, 96, 64), (300, 4096, 128), (17, 100, 32), (5, 64, 4096)], ids=str)
+def test_cuda_gemv_matches_reference(dtype, quant_type, nested, nkb):
+    # Batches 1..8 take the CUDA GEMV kernel when K % 32 == 0 (K = 96 with blocksize 64: blocks straddle rows);
+    # K = 100 falls back to the tiled path. Also a 3-D x and an unaligned view of x (the tiled fallback).
+    n, k, blocksize = nkb
+    w = torch.randn(n, k) / k**0.5
+    packed, state = fourbit.quantize_4bit(w, blocksize, quant_type, compress_statistics=nested)
+    gpu_state = fourbit.QuantState.from_dict(state.as_dict(packed=True), device="cuda")
+    w_hat = fourbit.dequantize_4bit(packed, state, torch.float32).double()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for rows in (*range(1, 9), (2, 3)):
+        shape = (rows, k) if isinstance(rows, int) else (*rows, k)
+        x = torch.randn(shape).to(dtype)
+        y = fourbit.matmul_4bit(x.cuda(), packed.cuda(), gpu_state)
+        expected = x.double() @ w_hat.t()
+        assert y.shape == (*shape[:-1], n) and y.dtype == dtype
+        torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    x = torch.randn(3, k + 1).to(dtype).cuda()[:, 1:]  # not 16-byte aligned, not contiguous
+    y = fourbit.matmul_4bit(x, packed.cuda(), gpu_state)
+    expected = x.double().cpu() @ w_hat.t()
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
