@@ -39,6 +39,9 @@ int64_t cpu_gemv_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 
 // AMX / VNNI units, and the panel path only wins below batch 8. (For the forward, the tiled path was always as fast.)
 int64_t cpu_panel_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 64 : 4; }
 
+// Largest batch for the CPU AMX path (bfloat16, cpu/matmul_cpu.h), in both directions above the GEMV / panel paths.
+constexpr int64_t kCpuAmxMaxBatch = 64;
+
 using OptTensor = std::optional<at::Tensor>;
 
 struct Weight4bit {
@@ -60,6 +63,16 @@ struct Weight4bit {
             .findSchemaOrThrow("fourbit::dequantize_absmax", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
     return dequantize_absmax.call(absmax, *nested_absmax, *nested_code, *offset, nested_blocksize);
+  }
+
+  // The CPU AMX path's view of W, or nullopt when that path does not apply to this activation.
+  std::optional<cpu::Packed4bit> cpu_amx(const at::Tensor& activation, int64_t rows) const {
+    if (!activation.is_cpu() || activation.scalar_type() != at::kBFloat16 || rows == 0 || rows > kCpuAmxMaxBatch ||
+        K == 0 || K % 32 != 0 || N == 0 || !cpu::amx_bf16_available()) {
+      return std::nullopt;
+    }
+    return cpu::Packed4bit{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+                           blocksize, parse_quant_type(quant_type), N, K};
   }
 
   // The CPU panel path's view of W, or nullopt when that path does not apply to an activation of this dtype and
@@ -120,7 +133,8 @@ void for_each_weight_tile(const Weight4bit& w, at::ScalarType dtype, F&& fn) {
 // The CUDA GEMV for small batches, when it applies (and the extension has CUDA kernels); returns whether it ran.
 bool gemv_4bit_cuda(const at::Tensor& x2, const Weight4bit& w, const at::Tensor& y) {
 #if defined(FOURBIT_WITH_CUDA)
-  if (!x2.is_cuda()) return false;
+  // (Cheap checks first: a large or float64 x must not be copied just to be refused.)
+  if (!x2.is_cuda() || x2.size(0) > cuda::kGemvMaxBatch || x2.scalar_type() == at::kDouble) return false;
   const at::Tensor xc = x2.contiguous();
   if (!cuda::gemv_4bit_applies(xc, w.packed)) return false;
   cuda::gemv_4bit(xc, w.packed,
@@ -156,6 +170,8 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
+  } else if (const auto amx = w.cpu_amx(x, M)) {
+    cpu::amx_forward(x2.contiguous(), *amx, y);
   } else if (!gemv_4bit_cuda(x2, w, y)) {
     tiled_forward(x2, y, w.N, [&](at::ScalarType dtype, auto&& fn) { for_each_weight_tile(w, dtype, fn); });
   }
@@ -171,11 +187,14 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
                                     offset, nested_blocksize);
   check_activation(grad_y, "grad_y", w.N, "out_features", packed, "packed");
   const int64_t M = leading_rows(grad_y);
-  if (const auto panels = w.cpu_panels(grad_y, M)) {
+  const auto panels = w.cpu_panels(grad_y, M);
+  const auto amx = panels ? std::nullopt : w.cpu_amx(grad_y, M);
+  if (panels || amx) {
     std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
     in_shape.back() = w.K;
     at::Tensor grad_x = at::empty(in_shape, grad_y.options());
-    cpu::panel_grad_x(grad_y.reshape({M, w.N}).contiguous(), *panels, grad_x.view({M, w.K}));
+    const at::Tensor g = grad_y.reshape({M, w.N}).contiguous();
+    panels ? cpu::panel_grad_x(g, *panels, grad_x.view({M, w.K})) : cpu::amx_grad_x(g, *amx, grad_x.view({M, w.K}));
     return grad_x;
   }
   return tiled_grad_x(grad_y, w.N, w.K,

@@ -124,7 +124,10 @@ def test_cuda_gemv_matches_reference(dtype, quant_type, nested, nkb):
         expected = x.double() @ w_hat.t()
         assert y.shape == (*shape[:-1], n) and y.dtype == dtype
         torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
-    x = torch.randn(3, k + 1).to(dtype).cuda()[:, 1:]  # not 16-byte aligned, not contiguous
-    y = fourbit.matmul_4bit(x, packed.cuda(), gpu_state)
-    expected = x.double().cpu() @ w_hat.t()
-    torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # Views: non-contiguous (copied, then the GEMV) and contiguous but not 16-byte aligned (the tiled fallback).
+    for x in (torch.randn(3, k + 1).to(dtype).cuda()[:, 1:], torch.randn(3 * k + 1).to(dtype).cuda()[1:].view(3, k)):
+        y = fourbit.matmul_4bit(x, packed.cuda(), gpu_state)
+        expected = x.double().cpu() @ w_hat.t()
+        torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # No rows: an empty result of the right shape.
+    assert fourbit.matmul_4bit(torch.randn(0, k).to(dtype).cuda(), packed.cuda(), gpu_state).shape == (0, n)

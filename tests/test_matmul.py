@@ -30,7 +30,9 @@ def _reference(x, packed, state, bias=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("batch", [(1,), (2,), (5,), (16,), (2, 3), (70,)], ids=str)
-@pytest.mark.parametrize("nk, blocksize", [((96, 256), 64), ((33, 100), 32), ((128, 4096), 128)], ids=str)
+@pytest.mark.parametrize(
+    "nk, blocksize", [((96, 256), 64), ((33, 100), 32), ((128, 4096), 128), ((37, 96), 64)], ids=str
+)
 @pytest.mark.parametrize("nested", [False, True])
 def test_forward_matches_reference(cpu_isa, dtype, batch, nk, blocksize, nested):
     n, k = nk
@@ -69,11 +71,15 @@ def test_gemv_with_blocks_straddling_rows(cpu_isa, dtype, nk, blocksize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("nk, blocksize", [((200, 100), 64), ((150, 96), 64), ((64, 4096), 256)], ids=str)
+@pytest.mark.parametrize(
+    "nk, blocksize", [((200, 100), 64), ((151, 96), 64), ((64, 4096), 256), ((1200, 64), 32)], ids=str
+)
 @pytest.mark.parametrize("rows", [1, 3, 9, 40, 70])
 def test_input_gradient_matches_reference(cpu_isa, dtype, nk, blocksize, rows):
     # Small and medium batches take the panel path on the CPU (per-thread panels of W starting on block boundaries:
-    # with K = 100 and blocksize 64 only every 16th row does), larger ones the tiled GEMM.
+    # with K = 100 and blocksize 64 only every 16th row does) or, for bfloat16 with K % 32 == 0 on CPUs with AMX, the
+    # AMX path (odd N: a zero row pads the last pair; N = 1200: more than one reduction panel); larger ones the tiled
+    # GEMM.
     n, k = nk
     packed, state = _weight(n, k, blocksize, nested=True)
     x = torch.randn(rows, k).to(dtype).requires_grad_()

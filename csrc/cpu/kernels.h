@@ -46,6 +46,18 @@ struct Gemv4bitArgs {
   float* y;  // [M, N] float32
 };
 
+// Rows of W [N, K] decoded to bfloat16 (the values dequantize_4bit gives) into a panel for the AMX path
+// (matmul_cpu.cpp): columns [k_begin, k_end), multiples of 32 (K % 32 == 0).
+struct PanelBf16Args {
+  const uint8_t* packed;
+  BlockScales scales;
+  int64_t N, K;
+  int64_t blocksize;
+  float lut[16];
+  uint16_t* out;
+  int64_t k_begin, k_end;
+};
+
 // Affine fake quantization (qat_kernels.h) of n contiguous elements; per-parameter float32 scale and zero point (the
 // zero point already rounded and clamped to an integer in [quant_min, quant_max]).
 struct FakeQuantArgs {
@@ -99,6 +111,11 @@ struct QuantKernels {
   void (*dequantize_4bit)(const Dequantize4bitArgs&, int64_t block_begin, int64_t block_end);
   // Output columns (rows of W) [n_begin, n_end).
   void (*gemv_4bit)(const Gemv4bitArgs&, int64_t n_begin, int64_t n_end);
+  // Rows [n_begin, n_end) of W, row r at out + (r - n_begin) * (k_end - k_begin): the A operand of a GEMM.
+  void (*decode_rows_bf16)(const PanelBf16Args&, int64_t n_begin, int64_t n_end);
+  // Rows [n_begin, n_end) in pairs, interleaved (VNNI: pair p holds (W[n_begin + 2p, k], W[n_begin + 2p + 1, k]) for
+  // each k, 2 * (k_end - k_begin) values): the B operand of an AMX GEMM. A row at or past N reads as zeros.
+  void (*decode_row_pairs_bf16)(const PanelBf16Args&, int64_t n_begin, int64_t n_end);
   // Elements [begin, end).
   void (*fake_quantize_affine)(const FakeQuantArgs&, int64_t begin, int64_t end);
   void (*fake_quantize_affine_grad)(const FakeQuantGradArgs&, int64_t begin, int64_t end);

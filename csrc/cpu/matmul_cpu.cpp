@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <numeric>
 
@@ -113,6 +114,91 @@ void panel_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tenso
     }
   });
   grad_x.copy_(partial.sum(0));
+}
+
+namespace {
+
+// Rows of W per forward panel: [32, K] bfloat16, 256 KiB at K = 4096. Two AMX tiles of rows.
+constexpr int64_t kAmxForwardRows = 32;
+// The input gradient takes columns of grad_x 64 at a time (four AMX tiles of output) and reduces over panels of
+// 1024 rows of W ([512 pairs][64][2] bfloat16, 128 KiB): a long reduction keeps the output tiles in registers.
+constexpr int64_t kAmxGradColumns = 64;
+constexpr int64_t kAmxGradRows = 1024;
+
+PanelBf16Args panel_args(const Packed4bit& w) {
+  PanelBf16Args args{};
+  args.packed = static_cast<const uint8_t*>(w.packed.const_data_ptr());
+  args.scales = w.scales;
+  args.N = w.N;
+  args.K = w.K;
+  args.blocksize = w.blocksize;
+  const Codebook4 cb = make_codebook4(w.quant_type);
+  for (int c = 0; c < 16; ++c) args.lut[c] = cb.value[c];
+  return args;
+}
+
+const at::BFloat16* as_bf16(const void* p) { return static_cast<const at::BFloat16*>(p); }
+
+}  // namespace
+
+bool amx_bf16_available() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available;
+}
+
+void amx_forward(const at::Tensor& x, const Packed4bit& w, const at::Tensor& y) {
+  const int64_t M = x.size(0), N = w.N, K = w.K;
+  // brgemm computes y.T [N, M] = W [N, K] @ x.T [K, M]; its B operand (x.T) goes in VNNI layout [K / 2][M][2].
+  const at::Tensor xv = x.view({M, K / 2, 2}).permute({1, 0, 2}).contiguous();
+  const at::Tensor yt = at::empty({N, M}, x.options().dtype(at::kFloat));
+  const QuantKernels& kernels = select_kernels();
+  const PanelBf16Args args = panel_args(w);
+  float* C = yt.mutable_data_ptr<float>();
+  at::parallel_for(0, ceil_div(N, kAmxForwardRows), 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::empty({kAmxForwardRows, K}, x.options());
+    PanelBf16Args a = args;
+    a.out = static_cast<uint16_t*>(buffer.mutable_data_ptr());
+    a.k_begin = 0;
+    a.k_end = K;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kAmxForwardRows, rows = std::min(kAmxForwardRows, N - n0);
+      kernels.decode_rows_bf16(a, n0, n0 + rows);
+      at::native::cpublas::brgemm(rows, M, K, /*ld_a=*/K, /*ld_b=*/M, /*ld_c=*/M, /*add_C=*/false, as_bf16(a.out),
+                                  as_bf16(xv.const_data_ptr()), C + n0 * M);
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  y.copy_(yt.t());
+}
+
+void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x) {
+  const int64_t M = grad_y.size(0), N = w.N, K = w.K;
+  // The reduction runs over pairs of rows of W (VNNI); an odd N gets a zero column in grad_y and a zero row of W.
+  const int64_t N2 = N + N % 2;
+  const at::Tensor g = N2 == N ? grad_y : at::constant_pad_nd(grad_y, {0, 1});
+  const at::Tensor acc = at::empty({M, K}, grad_y.options().dtype(at::kFloat));
+  const QuantKernels& kernels = select_kernels();
+  const PanelBf16Args args = panel_args(w);
+  float* C = acc.mutable_data_ptr<float>();
+  at::parallel_for(0, ceil_div(K, kAmxGradColumns), 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::empty({kAmxGradRows, kAmxGradColumns}, grad_y.options());
+    PanelBf16Args a = args;
+    a.out = static_cast<uint16_t*>(buffer.mutable_data_ptr());
+    for (int64_t t = begin; t < end; ++t) {
+      a.k_begin = t * kAmxGradColumns;
+      a.k_end = std::min(K, a.k_begin + kAmxGradColumns);
+      const int64_t columns = a.k_end - a.k_begin;
+      for (int64_t n0 = 0; n0 < N2; n0 += kAmxGradRows) {
+        const int64_t rows = std::min(kAmxGradRows, N2 - n0);
+        kernels.decode_row_pairs_bf16(a, n0, n0 + rows);
+        at::native::cpublas::brgemm(M, columns, rows, /*ld_a=*/N2, /*ld_b=*/columns, /*ld_c=*/K,
+                                    /*add_C=*/n0 > 0, as_bf16(g.const_data_ptr()) + n0, as_bf16(a.out),
+                                    C + a.k_begin);
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+  grad_x.copy_(acc);
 }
 
 }  // namespace fourbit::cpu

@@ -34,4 +34,17 @@ int64_t panel_rows(const Packed4bit& w, at::ScalarType dtype);
 // accumulated in float32.
 void panel_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
 
+// The AMX path for bfloat16 activations on CPUs with AMX (what oneDNN's brgemm micro-kernel reports): panels of W
+// are decoded straight to bfloat16 in each core's cache and multiplied on the matrix unit, which is what dense bf16
+// layers use too. Needs K % 32 == 0. (BLAS on the tiled path would also reach the matrix unit, but only after the
+// tile has gone through memory, in a layout it must repack.)
+bool amx_bf16_available();
+
+// y [M, N] = x [M, K] @ W.T; x contiguous bfloat16, y contiguous bfloat16.
+void amx_forward(const at::Tensor& x, const Packed4bit& w, const at::Tensor& y);
+
+// grad_x [M, K] = grad_y [M, N] @ W; grad_y contiguous bfloat16, grad_x contiguous bfloat16. Each output element
+// is one float32 sum over all of N, rounded once.
+void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
+
 }  // namespace fourbit::cpu

@@ -29,6 +29,12 @@ namespace {
 // Rows of W that the row groups of x take turns over: 16 rows of K = 4096 are 32 KiB of codes.
 constexpr int64_t kGemvRowsPerTurn = 16;
 
+inline int log2_blocksize(int64_t blocksize) {
+  int shift = 0;
+  while ((int64_t{1} << shift) < blocksize) ++shift;
+  return shift;
+}
+
 // The scale of the block holding element `index` of W (blocksize = 1 << block_shift).
 inline float chunk_scale(const Gemv4bitArgs& a, int64_t index, int block_shift) { return a.scales(index >> block_shift); }
 
@@ -135,13 +141,114 @@ void gemv_groups(const Gemv4bitArgs& a, int block_shift, int64_t m, int64_t n_be
 }
 
 void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
-  int block_shift = 0;
-  while ((int64_t{1} << block_shift) < a.blocksize) ++block_shift;
+  const int block_shift = log2_blocksize(a.blocksize);
   const int64_t turn = a.M <= kGemvRowGroup ? n_end - n_begin : kGemvRowsPerTurn;
   for (int64_t n = n_begin; n < n_end; n += turn) {
     gemv_groups<kGemvRowGroup>(a, block_shift, 0, n, std::min(n_end, n + turn));
   }
 }
+
+// ---- bfloat16 panels of W for the AMX path ----
+// Each 32-element chunk of a row shares one block scale (as in the GEMV). The values are bf16(code value * scale) with
+// the product in float32: exactly what dequantize_4bit writes.
+
+#if FOURBIT_ISA == 2
+// The chunk's codebook scaled and rounded to bfloat16, in the low 16 words of a zmm (permutexvar_epi16 indexes it).
+inline __m512i scaled_table_bf16(__m512 lut, float scale) {
+  return _mm512_castsi256_si512(bf16_bits(_mm512_mul_ps(lut, _mm512_set1_ps(scale))));
+}
+
+// 16 packed bytes -> their 32 values in element order: dword i holds byte i, whose high nibble (element 2i) becomes
+// word 2i and whose low nibble (element 2i + 1) word 2i + 1.
+inline __m512i decode32_bf16(const uint8_t* bytes, __m512i table) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i index =
+      _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), 16));
+  return _mm512_permutexvar_epi16(index, table);
+}
+
+// Row n's chunk at column k, with its table cached across the chunks of one block.
+struct RowDecoder {
+  const PanelBf16Args& a;
+  int block_shift;
+  __m512 lut;
+  int64_t block = -1;
+  __m512i table;
+  RowDecoder(const PanelBf16Args& args) : a(args), block_shift(log2_blocksize(args.blocksize)) {
+    lut = _mm512_loadu_ps(args.lut);
+  }
+  __m512i chunk(int64_t n, int64_t k) {
+    if (n >= a.N) return _mm512_setzero_si512();
+    const int64_t index = n * a.K + k;
+    if ((index >> block_shift) != block) {
+      block = index >> block_shift;
+      table = scaled_table_bf16(lut, a.scales(block));
+    }
+    return decode32_bf16(a.packed + index / 2, table);
+  }
+};
+
+void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
+  RowDecoder decoder(a);
+  const int64_t width = a.k_end - a.k_begin;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    uint16_t* out = a.out + (n - n_begin) * width;
+    for (int64_t k = a.k_begin; k < a.k_end; k += 32) {
+      _mm512_storeu_si512(out + (k - a.k_begin), decoder.chunk(n, k));
+    }
+  }
+}
+
+void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
+  RowDecoder even(a), odd(a);
+  const int64_t width = a.k_end - a.k_begin;
+  // unpack{lo,hi}_epi16 interleave within 128-bit lanes (lo: elements 8L..8L+3 of lane L, hi: 8L+4..8L+7); the
+  // 64-bit permutes put the pairs back in column order.
+  const __m512i first_half = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second_half = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int64_t n = n_begin; n < n_end; n += 2) {
+    uint16_t* out = a.out + (n - n_begin) * width;  // pair (n - n_begin) / 2, 2 * width values
+    for (int64_t k = a.k_begin; k < a.k_end; k += 32) {
+      const __m512i r0 = even.chunk(n, k), r1 = odd.chunk(n + 1, k);
+      const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
+      uint16_t* dst = out + 2 * (k - a.k_begin);
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(lo, first_half, hi));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi64(lo, second_half, hi));
+    }
+  }
+}
+
+#else
+// Portable versions (also what the AVX2 table uses: the AMX path only runs on CPUs that have AVX-512).
+inline uint16_t panel_value(const PanelBf16Args& a, int block_shift, int64_t n, int64_t k) {
+  if (n >= a.N) return 0;
+  const int64_t index = n * a.K + k;
+  const uint8_t byte = a.packed[index / 2];
+  const uint8_t code = index % 2 == 0 ? first_nibble(byte) : second_nibble(byte);
+  return float_to_bf16(a.lut[code] * a.scales(index >> block_shift));
+}
+
+void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
+  const int shift = log2_blocksize(a.blocksize);
+  const int64_t width = a.k_end - a.k_begin;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    uint16_t* out = a.out + (n - n_begin) * width;
+    for (int64_t k = a.k_begin; k < a.k_end; ++k) out[k - a.k_begin] = panel_value(a, shift, n, k);
+  }
+}
+
+void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
+  const int shift = log2_blocksize(a.blocksize);
+  const int64_t width = a.k_end - a.k_begin;
+  for (int64_t n = n_begin; n < n_end; n += 2) {
+    uint16_t* out = a.out + (n - n_begin) * width;
+    for (int64_t k = a.k_begin; k < a.k_end; ++k) {
+      out[2 * (k - a.k_begin)] = panel_value(a, shift, n, k);
+      out[2 * (k - a.k_begin) + 1] = panel_value(a, shift, n + 1, k);
+    }
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace fourbit::cpu::FOURBIT_ISA_NS

@@ -59,18 +59,23 @@ template <ElemType E> inline Chunk load_chunk(const typename Elem<E>::storage* p
   }
 }
 
+// 16 floats as bfloat16 bit patterns: round to nearest even on the integer bits, NaN -> 0x7FC0 (float_to_bf16 in
+// core/).
+inline __m256i bf16_bits(Chunk v) {
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
 template <ElemType E> inline void store_chunk(typename Elem<E>::storage* p, Chunk v) {
   if constexpr (E == ElemType::kFloat32) {
     _mm512_storeu_ps(p, v);
   } else if constexpr (E == ElemType::kFloat16) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
-    // Round to nearest even on the integer bits, NaN -> 0x7FC0: the same rule as float_to_bf16 in core/.
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
   }
 }
 

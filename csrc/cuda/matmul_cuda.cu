@@ -5,8 +5,8 @@
 // (32 codes each, so a warp's loads cover 512 contiguous bytes), looks up each chunk's block scale (blocksize is a
 // power of two >= 32, so a chunk never straddles a block), decodes the codes through a 16-entry table in shared
 // memory, and multiplies them with every row of x (which stays in L1/L2). The warp then sums its lanes with shuffles.
-// Weights are the dequantized values (code value times scale, rounded once in float32, as dequantize_4bit computes
-// them); products accumulate in float32.
+// Each chunk's dot product with the code values is scaled once (not each weight: 32 fewer multiplies per chunk), so
+// the result differs from x @ dequantize_4bit(W).T by float32 rounding only; everything accumulates in float32.
 #include "cuda/matmul_cuda.h"
 
 #include <ATen/ATen.h>
@@ -61,21 +61,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   for (int64_t c = lane; c < chunks; c += 32) {
     const uint4 q = __ldg(row + c);  // 32 codes; element 2i in the high nibble of byte i
     const float scale = scales((n * K + c * 32) >> block_shift);
-    float w[32];
+    float w[32];  // code values; the chunk's scale multiplies its partial sums
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const uint8_t byte = static_cast<uint8_t>(words[i] >> (8 * b));  // little endian: byte 4i + b
-        w[8 * i + 2 * b] = __fmul_rn(lut[first_nibble(byte)], scale);
-        w[8 * i + 2 * b + 1] = __fmul_rn(lut[second_nibble(byte)], scale);
+        w[8 * i + 2 * b] = lut[first_nibble(byte)];
+        w[8 * i + 2 * b + 1] = lut[second_nibble(byte)];
       }
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m0 + m >= M) break;
       const T* xs = x + (m0 + m) * K + c * 32;
+      float part = 0.0f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float xv[8];
@@ -85,8 +86,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           load8_16<kBF16>(reinterpret_cast<const uint16_t*>(xs) + 8 * j, xv);
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[m] = fmaf(w[8 * j + e], xv[e], acc[m]);
+        for (int e = 0; e < 8; ++e) part = fmaf(w[8 * j + e], xv[e], part);
       }
+      acc[m] = fmaf(scale, part, acc[m]);
     }
   }
 #pragma unroll
@@ -116,6 +118,9 @@ void gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales&
                QuantType quant_type, const at::Tensor& y) {
   TORCH_CHECK(gemv_4bit_applies(x, packed), "gemv_4bit: unsupported input (the caller checks gemv_4bit_applies)");
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.scalar_type() == x.scalar_type() && y.is_contiguous() &&
+                  y.device() == x.device(),
+              "gemv_4bit: y must be a contiguous [", M, ", N] tensor of x's dtype on x's device");
   if (N == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
