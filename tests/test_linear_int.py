@@ -127,6 +127,24 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k", [(8, 0), (0, 32)], ids=["no_inputs", "no_outputs"])
+@pytest.mark.parametrize("rows", [(1,), (3,), (40,), (2, 5)], ids=str)
+def test_matmul_int_empty_weight_forward_and_backward(bits, n, k, rows):
+    # LinearInt refuses in_features or out_features 0 at construction, but the op takes such a weight, like
+    # matmul_4bit: the output is the bias (K = 0) or empty (N = 0), the gradients zero or empty.
+    qweight = torch.zeros(n, k * bits // 8, dtype=torch.uint8)
+    scale, zero_point = torch.ones(n, k // 32), torch.zeros(n, k // 32, dtype=torch.uint8)
+    x = torch.randn(*rows, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    y = torch.ops.fourbit.matmul_int(x, qweight, scale, zero_point, bits, 32, [n, k], bias)
+    torch.testing.assert_close(y, bias.detach().expand(*rows, n), rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    grad_x, grad_bias = torch.autograd.grad(y, (x, bias), grad)
+    assert grad_x.shape == x.shape and not grad_x.any()
+    torch.testing.assert_close(grad_bias, grad.flatten(0, -2).sum(0))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_opcheck(bits):
     layer = LinearInt.from_linear(torch.nn.Linear(64, 24), bits, 32)
     args = layer._op_args()

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fourbit
 from conftest import dtype_id
@@ -111,6 +112,121 @@ def test_opcheck_and_compile():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for a, b in zip(torch.autograd.grad(fn(x), (x, A, B)), torch.autograd.grad(compiled(x), (x, A, B))):
         torch.testing.assert_close(a, b)
+
+
+def _lora_linear_op(fake, x, A, B, scaling, bias=None, lora_x=None):
+    """torch.ops.fourbit.lora_linear on a [40, 96] weight, eagerly or with every tensor a FakeTensor (the fake
+    implementation alone, as torch.compile and torch.export run it)."""
+    packed, state, _, _ = _setup(adapter_dtype=torch.float32)
+    absmax, na, nc, off, nbs = state.op_args()
+    args = (x, packed, absmax, 32, "nf4", [40, 96], A, B, scaling, bias, lora_x, na, nc, off, nbs)
+    if not fake:
+        return torch.ops.fourbit.lora_linear(*args)
+    with FakeTensorMode() as mode:
+        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        return torch.ops.fourbit.lora_linear(*args)
+
+
+# (what is wrong, overrides of the valid call, exception, message). The messages name the argument and its value; the
+# dtype is spelled Float in C++ and torch.float32 in the fake, so those patterns stop before it.
+_BAD_LORA_CALLS = [
+    ("nan scaling", dict(scaling=float("nan")), ValueError, r"scaling must be finite, got nan"),
+    ("inf scaling", dict(scaling=float("inf")), ValueError, r"scaling must be finite, got inf"),
+    ("-inf scaling", dict(scaling=float("-inf")), ValueError, r"scaling must be finite, got -inf"),
+    ("lora_x rows", dict(lora_x=torch.randn(3, 96)), ValueError,
+     r"lora_x must have x's shape \[2, 96\], got \[3, 96\]"),
+    ("lora_x features", dict(lora_x=torch.randn(2, 95)), ValueError,
+     r"lora_x must have x's shape \[2, 96\], got \[2, 95\]"),
+    ("lora_x dtype", dict(lora_x=torch.ones(2, 96, dtype=torch.int32)), TypeError,
+     r"lora_x must be float32, float16, bfloat16 or float64, got "),
+    ("lora_A shape", dict(A=torch.randn(8, 95)), ValueError,
+     r"lora_A must have shape \[r, in_features = 96\], got \[8, 95\]"),
+    ("lora_A 1-D", dict(A=torch.randn(96)), ValueError, r"lora_A must have shape \[r, in_features = 96\], got \[96\]"),
+    ("lora_A dtype", dict(A=torch.ones(8, 96, dtype=torch.int32), B=torch.ones(40, 8, dtype=torch.int32)), TypeError,
+     r"lora_A must be a float tensor, got "),
+    ("lora_B shape", dict(B=torch.randn(40, 7)), ValueError,
+     r"lora_B must have shape \[out_features = 40, r = 8\], got \[40, 7\]"),
+    ("lora_B dtype", dict(B=torch.randn(40, 8, dtype=torch.float64)), TypeError, r"lora_B must have lora_A's dtype "),
+    ("x features", dict(x=torch.randn(2, 97)), ValueError, r"x must end in in_features = 96, got shape \[2, 97\]"),
+    ("x 0-D", dict(x=torch.tensor(1.0)), ValueError, r"x must end in in_features = 96, got shape \[\]"),
+    ("x dtype", dict(x=torch.ones(2, 96, dtype=torch.int32)), TypeError,
+     r"x must be float32, float16, bfloat16 or float64, got "),
+    ("bias shape", dict(bias=torch.randn(39)), ValueError, r"bias must have shape \[40\], got \[39\]"),
+]
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize(
+    "overrides, error, message", [c[1:] for c in _BAD_LORA_CALLS], ids=[c[0] for c in _BAD_LORA_CALLS]
+)
+def test_fake_refuses_bad_input_as_eager_does(fake, overrides, error, message):
+    call = dict(x=torch.randn(2, 96), A=torch.randn(8, 96), B=torch.randn(40, 8), scaling=0.5)
+    call.update(overrides)
+    with pytest.raises(error, match=message):
+        _lora_linear_op(fake, **call)
+
+
+def test_fake_accepts_valid_input():
+    y = _lora_linear_op(True, torch.randn(2, 5, 96), torch.randn(8, 96), torch.randn(40, 8), 0.5, torch.randn(40),
+                        torch.randn(2, 5, 96))  # fmt: skip
+    assert y.shape == (2, 5, 40) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["scaling", "lora_x"])
+def test_compile_refuses_bad_input_while_tracing(bad):
+    # Dynamo turns any exception of a fake implementation into its TorchRuntimeError (a RuntimeError, raised while
+    # tracing, before anything runs) that quotes the original, type and message. Without the fake's check the graph
+    # would compile and only the eager op inside it would refuse the call, with a bare ValueError.
+    packed, state, A, B = _setup(adapter_dtype=torch.float32)
+    scaling, lora_x = (float("nan"), None) if bad == "scaling" else (0.5, torch.randn(3, 96))
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda x_: fourbit.lora_linear(x_, packed, state, A, B, scaling, lora_x=lora_x), fullgraph=True,
+        backend="aot_eager",
+    )  # fmt: skip
+    message = {"scaling": r"scaling must be finite, got nan",
+               "lora_x": r"lora_x must have x's shape \[2, 96\], got \[3, 96\]"}[bad]  # fmt: skip
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=rf"got ValueError\(.{message}.\)"):
+        fn(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("rows", [(1,), (3,), (40,), (2, 5), (0,), ()], ids=str)
+@pytest.mark.parametrize("separate_lora_x", [False, True], ids=["x", "lora_x"])
+def test_no_input_features_backward_matches_autograd(rows, separate_lora_x):
+    # K = 0: W is [N, 0], legal; y = bias, and every gradient is an empty or zero tensor of its input's shape.
+    packed, state = fourbit.quantize_4bit(torch.randn(8, 0), 64)
+    x = torch.randn(*rows, 0, dtype=torch.float64, requires_grad=True)
+    lora_x = torch.randn(*rows, 0, dtype=torch.float64, requires_grad=True) if separate_lora_x else None
+    A = torch.randn(2, 0, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    y = fourbit.lora_linear(x, packed, state, A, B, 0.5, bias, lora_x=lora_x)
+    expected = _reference(x, packed, state, A, B, 0.5, bias, lora_x=lora_x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    inputs = (x, A, B, bias) + ((lora_x,) if separate_lora_x else ())
+    grad = torch.randn_like(y)
+    theirs = torch.autograd.grad(expected, inputs, grad)
+    for ours, ref, t in zip(torch.autograd.grad(y, inputs, grad), theirs, inputs):
+        assert ours.shape == t.shape and ours.dtype == t.dtype
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [(1,), (3,), (40,)], ids=str)
+def test_no_output_features_backward_matches_autograd(rows):
+    # N = 0: W is [0, K]; the bias gradient is [0] and the other gradients are zero.
+    packed, state = fourbit.quantize_4bit(torch.randn(0, 64), 64)
+    x = torch.randn(*rows, 64, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(0, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(0, dtype=torch.float64, requires_grad=True)
+    for op, inputs in [
+        (lambda: fourbit.matmul_4bit(x, packed, state, bias), (x, bias)),
+        (lambda: fourbit.lora_linear(x, packed, state, A, B, 0.5, bias), (x, A, B, bias)),
+    ]:
+        y = op()
+        assert y.shape == (*rows, 0)
+        for g, t in zip(torch.autograd.grad(y, inputs, torch.randn_like(y)), inputs):
+            assert g.shape == t.shape and g.dtype == t.dtype and not g.any()
 
 
 def test_multi_adapter_rows_equal_each_adapter_on_its_rows():

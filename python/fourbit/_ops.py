@@ -29,6 +29,11 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
+def _as_rows(t, features):
+    # Not reshape(-1, features): with features == 0 (a weight with no inputs or outputs is legal) -1 is ambiguous.
+    return t.reshape(math.prod(t.shape[:-1]), features)
+
+
 @torch.library.register_fake("fourbit::quantize_4bit")
 def _quantize_4bit_fake(A, blocksize, quant_type):
     _check_quant_type(quant_type)
@@ -102,13 +107,35 @@ def _check_weight_shape(shape):
         raise ValueError(f"shape must be the weight's [out_features, in_features], got {list(shape)}")
 
 
+def _check_same_device(t, name, ref, ref_name):
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+# csrc/tiled_matmul.h check_activation.
+def _check_activation(t, name, features, what, weight, weight_name):
+    if t.dtype not in (*_FLOAT_DTYPES, torch.float64):
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    torch._check_value(
+        t.dim() >= 1 and t.shape[-1] == features,
+        lambda: f"{name} must end in {what} = {features}, got shape {list(t.shape)}",
+    )
+    _check_same_device(t, name, weight, weight_name)
+
+
 @torch.library.register_fake("fourbit::matmul_4bit")
 def _matmul_4bit_fake(
     x, packed, absmax, blocksize, quant_type, shape, bias=None, nested_absmax=None, nested_code=None, offset=None,
     nested_blocksize=256,
 ):  # fmt: skip
     _check_weight_shape(shape)
-    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
+    _check_activation(x, "x", shape[1], "in_features", packed, "packed")
+    if bias is not None:
+        torch._check_value(
+            bias.dim() == 1 and bias.shape[0] == shape[0],
+            lambda: f"bias must have shape [{shape[0]}], got {list(bias.shape)}",
+        )
+        _check_same_device(bias, "bias", packed, "packed")
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -144,7 +171,7 @@ def _matmul_4bit_backward(ctx, grad):
             grad, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
         )
     if len(needs) > 6 and needs[6]:
-        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+        grad_bias = _as_rows(grad, shape[0]).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, None, None, None, None, grad_bias, None, None, None, None)[: len(needs)]
 
 
@@ -158,17 +185,31 @@ def _lora_linear_fake(
     x, packed, absmax, blocksize, quant_type, shape, lora_A, lora_B, scaling, bias=None, lora_x=None,
     nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256,
 ):  # fmt: skip
+    # The checks of csrc/matmul.cpp lora_linear and check_adapters, in the same order.
     _check_weight_shape(shape)
-    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
-    torch._check(
+    if not lora_A.dtype.is_floating_point:
+        raise TypeError(f"lora_A must be a float tensor, got {lora_A.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    torch._check_value(
         lora_A.dim() == 2 and lora_A.shape[1] == shape[1],
         lambda: f"lora_A must have shape [r, in_features = {shape[1]}], got {list(lora_A.shape)}",
     )
-    torch._check(
+    torch._check_value(
         lora_B.dim() == 2 and lora_B.shape[0] == shape[0] and lora_B.shape[1] == lora_A.shape[0],
         lambda: f"lora_B must have shape [out_features = {shape[0]}, r = {lora_A.shape[0]}], got {list(lora_B.shape)}",
     )
-    return x.new_empty((*x.shape[:-1], shape[0]))
+    _check_same_device(lora_A, "lora_A", packed, "packed")
+    _check_same_device(lora_B, "lora_B", packed, "packed")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    if lora_x is not None:
+        torch._check_value(
+            list(lora_x.shape) == list(x.shape),
+            lambda: f"lora_x must have x's shape {list(x.shape)}, got {list(lora_x.shape)}",
+        )
+        _check_activation(lora_x, "lora_x", shape[1], "in_features", packed, "packed")
+    return _matmul_4bit_fake(x, packed, absmax, blocksize, quant_type, shape, bias)
 
 
 # ---- autograd of lora_linear: gradients to x (through the 4-bit weight and the adapters), lora_A, lora_B, bias and
@@ -189,11 +230,11 @@ def _lora_linear_setup_context(ctx, inputs, output):
 def _lora_linear_backward(ctx, grad):
     packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, lora_input = ctx.saved_tensors
     blocksize, quant_type, shape, nested_blocksize = ctx.weight_args
-    lx = lora_input.reshape(-1, shape[1]).to(lora_A.dtype)
+    lx = _as_rows(lora_input, shape[1]).to(lora_A.dtype)
     needs = ctx.needs_input_grad
     need = lambda i: len(needs) > i and needs[i]  # noqa: E731  (trailing defaulted inputs are dropped)
     n_out, k_in = shape
-    g = grad.reshape(-1, n_out)
+    g = _as_rows(grad, n_out)
     ga = g.to(lora_A.dtype)
     grad_h = (ga @ lora_B) * ctx.scaling  # [M, r]
     grad_x = grad_A = grad_B = grad_bias = grad_lora_x = None
@@ -388,7 +429,7 @@ def _matmul_int_backward(ctx, grad):
     if needs[0]:
         grad_x = torch.ops.fourbit.matmul_int_grad_x(grad, qweight, scale, zero_point, bits, group_size, shape)
     if len(needs) > 7 and needs[7]:
-        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+        grad_bias = _as_rows(grad, shape[0]).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, None, None, None, None, None, grad_bias)[: len(needs)]
 
 
