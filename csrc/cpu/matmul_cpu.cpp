@@ -120,10 +120,14 @@ namespace {
 
 // Rows of W per forward panel: [32, K] bfloat16, 256 KiB at K = 4096. Two AMX tiles of rows.
 constexpr int64_t kAmxForwardRows = 32;
-// The input gradient takes columns of grad_x 64 at a time (four AMX tiles of output) and reduces over panels of
-// 1024 rows of W ([512 pairs][64][2] bfloat16, 128 KiB): a long reduction keeps the output tiles in registers.
+// The input gradient: threads take 512 columns of grad_x at a time and walk down W in panels of 512 rows, decoded to
+// VNNI pairs ([256][512][2] bfloat16, 512 KiB); each panel feeds one brgemm per 64 columns (four AMX tiles of
+// output) with a 512-row reduction. Wide panels matter twice: each row of W is read 256 contiguous bytes at a time
+// (a walk down 64-column strips touches a new page every other row), and each brgemm call costs microseconds of
+// setup, so a few long reductions beat many short ones.
+constexpr int64_t kAmxGradPanelColumns = 512;
 constexpr int64_t kAmxGradColumns = 64;
-constexpr int64_t kAmxGradRows = 1024;
+constexpr int64_t kAmxGradRows = 512;
 
 PanelBf16Args panel_args(const Packed4bit& w) {
   PanelBf16Args args{};
@@ -141,6 +145,8 @@ const at::BFloat16* as_bf16(const void* p) { return static_cast<const at::BFloat
 
 }  // namespace
 
+// torch's headers announce the bf16 brgemm with this macro (older releases may lack it: then the path is off).
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
 bool amx_bf16_available() {
   static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
   return available;
@@ -180,25 +186,36 @@ void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor&
   const QuantKernels& kernels = select_kernels();
   const PanelBf16Args args = panel_args(w);
   float* C = acc.mutable_data_ptr<float>();
-  at::parallel_for(0, ceil_div(K, kAmxGradColumns), 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor buffer = at::empty({kAmxGradRows, kAmxGradColumns}, grad_y.options());
+  at::parallel_for(0, ceil_div(K, kAmxGradPanelColumns), 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor buffer = at::empty({kAmxGradRows, kAmxGradPanelColumns}, grad_y.options());
     PanelBf16Args a = args;
     a.out = static_cast<uint16_t*>(buffer.mutable_data_ptr());
-    for (int64_t t = begin; t < end; ++t) {
-      a.k_begin = t * kAmxGradColumns;
-      a.k_end = std::min(K, a.k_begin + kAmxGradColumns);
-      const int64_t columns = a.k_end - a.k_begin;
+    for (int64_t p = begin; p < end; ++p) {
+      a.k_begin = p * kAmxGradPanelColumns;
+      a.k_end = std::min(K, a.k_begin + kAmxGradPanelColumns);
+      const int64_t width = a.k_end - a.k_begin;
       for (int64_t n0 = 0; n0 < N2; n0 += kAmxGradRows) {
         const int64_t rows = std::min(kAmxGradRows, N2 - n0);
         kernels.decode_row_pairs_bf16(a, n0, n0 + rows);
-        at::native::cpublas::brgemm(M, columns, rows, /*ld_a=*/N2, /*ld_b=*/columns, /*ld_c=*/K,
-                                    /*add_C=*/n0 > 0, as_bf16(g.const_data_ptr()) + n0, as_bf16(a.out),
-                                    C + a.k_begin);
+        for (int64_t c = 0; c < width; c += kAmxGradColumns) {
+          at::native::cpublas::brgemm(M, std::min(kAmxGradColumns, width - c), rows, /*ld_a=*/N2, /*ld_b=*/width,
+                                      /*ld_c=*/K, /*add_C=*/n0 > 0, as_bf16(g.const_data_ptr()) + n0,
+                                      as_bf16(a.out) + 2 * c, C + a.k_begin + c);
+        }
       }
     }
     at::native::cpublas::brgemm_release();
   });
   grad_x.copy_(acc);
 }
+#else
+bool amx_bf16_available() { return false; }
+void amx_forward(const at::Tensor&, const Packed4bit&, const at::Tensor&) {
+  TORCH_CHECK(false, "fourbit was built against a torch without the bf16 brgemm");
+}
+void amx_grad_x(const at::Tensor&, const Packed4bit&, const at::Tensor&) {
+  TORCH_CHECK(false, "fourbit was built against a torch without the bf16 brgemm");
+}
+#endif
 
 }  // namespace fourbit::cpu

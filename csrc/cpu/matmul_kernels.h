@@ -167,51 +167,55 @@ inline __m512i decode32_bf16(const uint8_t* bytes, __m512i table) {
   return _mm512_permutexvar_epi16(index, table);
 }
 
-// Row n's chunk at column k, with its table cached across the chunks of one block.
+// Rows of W decoded chunk by chunk, each keeping its block's table across the chunks of that block. The fields are
+// copies (not references into the arguments), so the compiler keeps them in registers across the stores.
 struct RowDecoder {
-  const PanelBf16Args& a;
+  const uint8_t* packed;
+  BlockScales scales;
+  int64_t N, K;
   int block_shift;
   __m512 lut;
   int64_t block = -1;
-  __m512i table;
-  RowDecoder(const PanelBf16Args& args) : a(args), block_shift(log2_blocksize(args.blocksize)) {
-    lut = _mm512_loadu_ps(args.lut);
-  }
+  __m512i table = _mm512_setzero_si512();
+  explicit RowDecoder(const PanelBf16Args& a)
+      : packed(a.packed), scales(a.scales), N(a.N), K(a.K), block_shift(log2_blocksize(a.blocksize)),
+        lut(_mm512_loadu_ps(a.lut)) {}
+  // Row n's 32 values at column k (n < N).
   __m512i chunk(int64_t n, int64_t k) {
-    if (n >= a.N) return _mm512_setzero_si512();
-    const int64_t index = n * a.K + k;
+    const int64_t index = n * K + k;
     if ((index >> block_shift) != block) {
       block = index >> block_shift;
-      table = scaled_table_bf16(lut, a.scales(block));
+      table = scaled_table_bf16(lut, scales(block));
     }
-    return decode32_bf16(a.packed + index / 2, table);
+    return decode32_bf16(packed + index / 2, table);
   }
 };
 
 void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
   RowDecoder decoder(a);
-  const int64_t width = a.k_end - a.k_begin;
+  const int64_t k_begin = a.k_begin, k_end = a.k_end, width = k_end - k_begin;
+  uint16_t* const out = a.out;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    uint16_t* out = a.out + (n - n_begin) * width;
-    for (int64_t k = a.k_begin; k < a.k_end; k += 32) {
-      _mm512_storeu_si512(out + (k - a.k_begin), decoder.chunk(n, k));
-    }
+    uint16_t* row = out + (n - n_begin) * width;
+    for (int64_t k = k_begin; k < k_end; k += 32) _mm512_storeu_si512(row + (k - k_begin), decoder.chunk(n, k));
   }
 }
 
 void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
   RowDecoder even(a), odd(a);
-  const int64_t width = a.k_end - a.k_begin;
+  const int64_t k_begin = a.k_begin, k_end = a.k_end, width = k_end - k_begin, N = a.N;
+  uint16_t* const out = a.out;
   // unpack{lo,hi}_epi16 interleave within 128-bit lanes (lo: elements 8L..8L+3 of lane L, hi: 8L+4..8L+7); the
   // 64-bit permutes put the pairs back in column order.
   const __m512i first_half = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
   const __m512i second_half = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   for (int64_t n = n_begin; n < n_end; n += 2) {
-    uint16_t* out = a.out + (n - n_begin) * width;  // pair (n - n_begin) / 2, 2 * width values
-    for (int64_t k = a.k_begin; k < a.k_end; k += 32) {
-      const __m512i r0 = even.chunk(n, k), r1 = odd.chunk(n + 1, k);
+    uint16_t* pair = out + (n - n_begin) * width;  // pair (n - n_begin) / 2: 2 * width values
+    const bool second_row = n + 1 < N;             // past N: a zero row
+    for (int64_t k = k_begin; k < k_end; k += 32) {
+      const __m512i r0 = even.chunk(n, k), r1 = second_row ? odd.chunk(n + 1, k) : _mm512_setzero_si512();
       const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
-      uint16_t* dst = out + 2 * (k - a.k_begin);
+      uint16_t* dst = pair + 2 * (k - k_begin);
       _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(lo, first_half, hi));
       _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi64(lo, second_half, hi));
     }
