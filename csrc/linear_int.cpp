@@ -4,7 +4,7 @@
 // grad_x = grad_y @ W, W [N, K] in int4/int8 per-group codes.
 //
 // The matmuls follow matmul_4bit's tiled scheme (matmul.cpp): W is dequantized a tile of rows at a time into one
-// buffer in the compute dtype (at most an eighth of W and at most 4M elements), and each tile goes through the
+// buffer in the compute dtype (at most a quarter of W and at most 4M elements), and each tile goes through the
 // backend's GEMM, so no full dequantized copy of W ever exists. Groups never straddle rows, so any row range of the
 // codes, scales and zero points is a valid weight of its own.
 #include <ATen/ATen.h>

@@ -8,7 +8,7 @@
 //    read the packed weight once;
 //  * the input gradient at medium batches on the CPU: per-thread panels of W, dequantized into each core's cache and
 //    multiplied right away (cpu/matmul_cpu.cpp);
-//  * everything else: W is dequantized a tile of rows at a time (at most an eighth of W, see tile_elements) into one
+//  * everything else: W is dequantized a tile of rows at a time (at most a quarter of W, see tile_elements) into one
 //    buffer in the compute dtype, and each tile goes through the backend's GEMM (BLAS / cuBLAS), writing its slice of
 //    the output (forward) or accumulating into grad_x (backward).
 #include <ATen/ATen.h>
@@ -41,7 +41,8 @@ int64_t cpu_panel_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ?
 
 // Largest batch for the CPU AMX path (bfloat16, cpu/matmul_cpu.h): the forward above the GEMV's batches, the input
 // gradient from batch 1 (measured at 4096 x 4096, 2 threads: 0.82-0.95x of a dense bf16 layer at batches 8-64, where
-// the tiled path gave 0.5x; the panel path 0.6x at batches 2-4). Above 64 the tiled path's BLAS blocking wins.
+// the tiled path gave 0.5x; the panel path 0.6x at batches 2-4). Above 64 it falls behind (forward 0.5x of dense at
+// batches 256-512, where the tiled path gives 0.94x; the column-tiled input gradient 0.92x at 512).
 constexpr int64_t kCpuAmxMaxBatch = 64;
 
 using OptTensor = std::optional<at::Tensor>;
@@ -71,6 +72,16 @@ struct Weight4bit {
   std::optional<cpu::Packed4bit> cpu_amx(const at::Tensor& activation, int64_t rows) const {
     if (!activation.is_cpu() || activation.scalar_type() != at::kBFloat16 || rows == 0 || rows > kCpuAmxMaxBatch ||
         K == 0 || K % 32 != 0 || N == 0 || !cpu::amx_bf16_available()) {
+      return std::nullopt;
+    }
+    return cpu::Packed4bit{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+                           blocksize, parse_quant_type(quant_type), N, K};
+  }
+
+  // The CPU column-tiled bfloat16 input gradient's view of W (cpu/matmul_cpu.h), or nullopt when it does not apply.
+  std::optional<cpu::Packed4bit> cpu_bf16_columns(const at::Tensor& activation, int64_t rows) const {
+    if (!activation.is_cpu() || activation.scalar_type() != at::kBFloat16 || rows == 0 || K == 0 || K % 32 != 0 ||
+        N == 0) {
       return std::nullopt;
     }
     return cpu::Packed4bit{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
@@ -191,12 +202,20 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   const int64_t M = leading_rows(grad_y);
   const auto amx = w.cpu_amx(grad_y, M);
   const auto panels = amx ? std::nullopt : w.cpu_panels(grad_y, M);
-  if (panels || amx) {
+  const auto columns = amx || panels ? std::nullopt : w.cpu_bf16_columns(grad_y, M);
+  if (amx || panels || columns) {
     std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
     in_shape.back() = w.K;
     at::Tensor grad_x = at::empty(in_shape, grad_y.options());
     const at::Tensor g = grad_y.reshape({M, w.N}).contiguous();
-    amx ? cpu::amx_grad_x(g, *amx, grad_x.view({M, w.K})) : cpu::panel_grad_x(g, *panels, grad_x.view({M, w.K}));
+    at::Tensor gx = grad_x.view({M, w.K});
+    if (amx) {
+      cpu::amx_grad_x(g, *amx, gx);
+    } else if (panels) {
+      cpu::panel_grad_x(g, *panels, gx);
+    } else {
+      cpu::column_tiled_grad_x_bf16(g, *columns, gx);
+    }
     return grad_x;
   }
   return tiled_grad_x(grad_y, w.N, w.K,

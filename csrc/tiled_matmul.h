@@ -14,12 +14,11 @@
 
 namespace fourbit {
 
-// Elements of W dequantized per tile: at most an eighth of W and at most 4M elements. The extra-memory budget is a
-// quarter of W, and with 16-bit tiles BLAS (oneDNN) packs a copy of each tile, so a tile may take half of it.
+// Elements of W dequantized per tile: at most a quarter of W (the extra-memory budget) and at most 4M elements.
 // Large tiles matter: BLAS runs a [16 x 4096] @ [4096 x 64] product at a third of the speed of [... x 1024]
 // (measured, fp32 and bf16), so tiles of few rows cost more in GEMM time than they save in cache misses.
 inline int64_t tile_elements(int64_t weight_elements) {
-  return std::clamp<int64_t>(weight_elements / 8, int64_t{1} << 16, int64_t{1} << 22);
+  return std::clamp<int64_t>(weight_elements / 4, int64_t{1} << 16, int64_t{1} << 22);
 }
 
 // Below this many rows of x, the forward computes tile @ x.T (a [rows, M] block of y.T): BLAS is faster with the

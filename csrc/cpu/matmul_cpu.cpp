@@ -11,6 +11,7 @@
 
 #include "cpu/isa.h"
 #include "quant_checks.h"
+#include "tiled_matmul.h"
 
 namespace fourbit::cpu {
 
@@ -144,6 +145,29 @@ PanelBf16Args panel_args(const Packed4bit& w) {
 const at::BFloat16* as_bf16(const void* p) { return static_cast<const at::BFloat16*>(p); }
 
 }  // namespace
+
+void column_tiled_grad_x_bf16(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x) {
+  const int64_t M = grad_y.size(0), N = w.N, K = w.K;
+  const int64_t columns = std::clamp<int64_t>(tile_elements(N * K) / N / 32 * 32, 32, K);
+  const at::Tensor tile = at::empty({N * columns}, grad_y.options());
+  const at::Tensor part = at::empty({M * columns}, grad_y.options());
+  const QuantKernels& kernels = select_kernels();
+  PanelBf16Args args = panel_args(w);
+  for (int64_t k0 = 0; k0 < K; k0 += columns) {
+    const int64_t width = std::min(columns, K - k0);
+    args.k_begin = k0;
+    args.k_end = k0 + width;
+    uint16_t* const out = static_cast<uint16_t*>(tile.mutable_data_ptr());
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / width), [&](int64_t begin, int64_t end) {
+      PanelBf16Args a = args;
+      a.out = out + begin * width;
+      kernels.decode_rows_bf16(a, begin, end);
+    });
+    at::Tensor product = part.narrow(0, 0, M * width).view({M, width});
+    at::mm_out(product, grad_y, tile.narrow(0, 0, N * width).view({N, width}));
+    grad_x.narrow(1, k0, width).copy_(product);
+  }
+}
 
 // torch's headers announce the bf16 brgemm with this macro (older releases may lack it: then the path is off).
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)

@@ -47,4 +47,9 @@ void amx_forward(const at::Tensor& x, const Packed4bit& w, const at::Tensor& y);
 // is one float32 sum over all of N, rounded once.
 void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
 
+// grad_x [M, K] = grad_y [M, N] @ W for bfloat16 at large batches (K % 32 == 0): W is decoded a tile of columns at a
+// time ([N, columns], at most a quarter of W) and each tile gives its slice of grad_x in one GEMM over all of N, so
+// there is no float32 accumulator across tiles and each output element is rounded once.
+void column_tiled_grad_x_bf16(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
+
 }  // namespace fourbit::cpu
