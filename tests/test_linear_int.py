@@ -2,6 +2,7 @@
 """fourbit.nn.LinearInt and its ops: the dequantized weight equals the fake-quantized weight bit for bit, matmul_int
 against F.linear, gradients, state_dict round trip, dtype casts, bad input, opcheck, CUDA."""
 
+import contextlib
 import copy
 import io
 
@@ -142,6 +143,36 @@ def test_matmul_int_empty_weight_forward_and_backward(bits, n, k, rows):
     grad_x, grad_bias = torch.autograd.grad(y, (x, bias), grad)
     assert grad_x.shape == x.shape and not grad_x.any()
     torch.testing.assert_close(grad_bias, grad.flatten(0, -2).sum(0))
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize(
+    "op, overrides, error, message",
+    [
+        ("matmul_int", dict(x=torch.randn(3, 65)), ValueError, r"x must end in in_features = 64, got shape \[3, 65\]"),
+        ("matmul_int", dict(x=torch.ones(3, 64, dtype=torch.int32)), TypeError, "x must be float32, float16, bfloat16"),
+        ("matmul_int", dict(bias=torch.randn(25)), ValueError, r"bias must have shape \[24\], got \[25\]"),
+        ("matmul_int_grad_x", dict(x=torch.randn(3, 23)), ValueError, "grad_y must end in out_features = 24"),
+    ],
+    ids=["x_features", "x_dtype", "bias_shape", "grad_y_features"],
+)
+def test_fake_refuses_bad_input_as_eager_does(fake, op, overrides, error, message):
+    # Under FakeTensorMode (torch.compile's tracing) the op's fake must refuse what the eager op refuses, with the
+    # same exception type and message.
+    layer = LinearInt.from_linear(torch.nn.Linear(64, 24), 4, 32)
+    call = dict(x=torch.randn(3, 64) if op == "matmul_int" else torch.randn(3, 24), bias=None)
+    call.update(overrides)
+    args = layer._op_args()
+    mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
+    with mode:
+        if fake:
+            call = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in call.items()}
+            args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        with pytest.raises(error, match=message):
+            if op == "matmul_int":
+                torch.ops.fourbit.matmul_int(call["x"], *args, call["bias"])
+            else:
+                torch.ops.fourbit.matmul_int_grad_x(call["x"], *args)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -112,6 +112,17 @@ def _check_same_device(t, name, ref, ref_name):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+# The bias checks of matmul.cpp / linear_int.cpp.
+def _check_bias(bias, out_features, weight, weight_name):
+    if bias is None:
+        return
+    torch._check_value(
+        bias.dim() == 1 and bias.shape[0] == out_features,
+        lambda: f"bias must have shape [{out_features}], got {list(bias.shape)}",
+    )
+    _check_same_device(bias, "bias", weight, weight_name)
+
+
 # csrc/tiled_matmul.h check_activation.
 def _check_activation(t, name, features, what, weight, weight_name):
     if t.dtype not in (*_FLOAT_DTYPES, torch.float64):
@@ -130,12 +141,7 @@ def _matmul_4bit_fake(
 ):  # fmt: skip
     _check_weight_shape(shape)
     _check_activation(x, "x", shape[1], "in_features", packed, "packed")
-    if bias is not None:
-        torch._check_value(
-            bias.dim() == 1 and bias.shape[0] == shape[0],
-            lambda: f"bias must have shape [{shape[0]}], got {list(bias.shape)}",
-        )
-        _check_same_device(bias, "bias", packed, "packed")
+    _check_bias(bias, shape[0], packed, "packed")
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -402,14 +408,15 @@ def _dequantize_int_fake(qweight, scale, zero_point, bits, group_size, shape, dt
 @torch.library.register_fake("fourbit::matmul_int")
 def _matmul_int_fake(x, qweight, scale, zero_point, bits, group_size, shape, bias=None):
     _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
-    torch._check(x.shape[-1] == shape[1], lambda: f"x must end in in_features = {shape[1]}, got shape {tuple(x.shape)}")
+    _check_activation(x, "x", shape[1], "in_features", qweight, "qweight")
+    _check_bias(bias, shape[0], qweight, "qweight")
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
 @torch.library.register_fake("fourbit::matmul_int_grad_x")
 def _matmul_int_grad_x_fake(grad_y, qweight, scale, zero_point, bits, group_size, shape):
     _check_int_weight(qweight, scale, zero_point, bits, group_size, shape)
-    torch._check(grad_y.shape[-1] == shape[0], lambda: f"grad_y must end in out_features = {shape[0]}")
+    _check_activation(grad_y, "grad_y", shape[0], "out_features", qweight, "qweight")
     return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
 
 
