@@ -92,6 +92,28 @@ def test_input_gradient_matches_reference(cpu_isa, dtype, nk, blocksize, rows):
     torch.testing.assert_close(gx.double(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("nkb", [(96, 256, 64), (37, 96, 64), (40, 160, 128)], ids=str)
+def test_one_hot_rows_give_the_exact_dequantized_weight(cpu_isa, nested, nkb):
+    # x with one 1.0 per row picks single columns of W: every path (GEMV, AMX, panels, tiles) multiplies each weight
+    # by 1 and adds zeros, so the result must equal dequantize_4bit's values bit for bit, in bf16 and fp32. This pins
+    # the kernels' own decoding (scaled codebooks, nibble order, block scales, VNNI pairs) to the reference exactly.
+    n, k, blocksize = nkb
+    w = torch.randn(n, k) * torch.rand(n, 1) * 3
+    packed, state = fourbit.quantize_4bit(w, blocksize, "nf4", compress_statistics=nested)
+    for dtype in (torch.float32, torch.bfloat16):
+        w_hat = fourbit.dequantize_4bit(packed, state, dtype)
+        for rows in (1, 3, 16, 40, 70):
+            cols = torch.randint(0, k, (rows,))
+            x = torch.nn.functional.one_hot(cols, k).to(dtype).requires_grad_()
+            y = fourbit.matmul_4bit(x, packed, state)
+            assert torch.equal(y, w_hat[:, cols].t()), (dtype, rows)
+            # backward: one-hot rows of grad_y pick single rows of W
+            picks = torch.randint(0, n, (rows,))
+            (gx,) = torch.autograd.grad(y, x, torch.nn.functional.one_hot(picks, n).to(dtype))
+            assert torch.equal(gx, w_hat[picks]), (dtype, rows)
+
+
 def test_identity_weight_is_exact():
     # bitsandbytes' test_gemv_eye_4bit: the identity quantizes exactly (1 -> code 15 with absmax 1, 0 -> code 7).
     k = 256
