@@ -3,11 +3,12 @@
 // Registered once for every backend (CompositeExplicitAutograd; schemas in ops.cpp); the autograd formula is in
 // python/fourbit/_ops.py.
 //
-// Three paths, none of which ever holds a full dequantized copy of W:
+// None of the paths ever holds a full dequantized copy of W (docs/kernels.md has the table of which runs when):
 //  * small batches: the GEMV kernels (cpu/matmul_kernels.h, cuda/matmul_cuda.cu) decode nibbles in registers and
 //    read the packed weight once;
-//  * the input gradient at medium batches on the CPU: per-thread panels of W, dequantized into each core's cache and
-//    multiplied right away (cpu/matmul_cpu.cpp);
+//  * medium batches on the CPU (cpu/matmul_cpu.cpp): bfloat16 on AMX, W decoded into each core's cache and
+//    multiplied on the matrix unit (both directions); the float32 input gradient on per-thread panels of W;
+//  * the bfloat16 input gradient at large batches on the CPU: column tiles of W, one GEMM each;
 //  * everything else: W is dequantized a tile of rows at a time (at most a quarter of W, see tile_elements) into one
 //    buffer in the compute dtype, and each tile goes through the backend's GEMM (BLAS / cuBLAS), writing its slice of
 //    the output (forward) or accumulating into grad_x (backward).
@@ -68,24 +69,30 @@ struct Weight4bit {
     return dequantize_absmax.call(absmax, *nested_absmax, *nested_code, *offset, nested_blocksize);
   }
 
+  // W as the CPU kernels read it (raw pointers, scales plain or nested).
+  cpu::Packed4bit cpu_view() const {
+    return {packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize), blocksize,
+            parse_quant_type(quant_type), N, K};
+  }
+
+  // Whether the CPU kernels that decode W straight to bfloat16 (AMX, column tiles) take this activation.
+  bool cpu_bf16_decodable(const at::Tensor& activation, int64_t rows) const {
+    return activation.is_cpu() && activation.scalar_type() == at::kBFloat16 && rows > 0 && K > 0 && K % 32 == 0 &&
+           N > 0;
+  }
+
   // The CPU AMX path's view of W, or nullopt when that path does not apply to this activation.
   std::optional<cpu::Packed4bit> cpu_amx(const at::Tensor& activation, int64_t rows) const {
-    if (!activation.is_cpu() || activation.scalar_type() != at::kBFloat16 || rows == 0 || rows > kCpuAmxMaxBatch ||
-        K == 0 || K % 32 != 0 || N == 0 || !cpu::amx_bf16_available()) {
+    if (!cpu_bf16_decodable(activation, rows) || rows > kCpuAmxMaxBatch || !cpu::amx_bf16_available()) {
       return std::nullopt;
     }
-    return cpu::Packed4bit{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
-                           blocksize, parse_quant_type(quant_type), N, K};
+    return cpu_view();
   }
 
   // The CPU column-tiled bfloat16 input gradient's view of W (cpu/matmul_cpu.h), or nullopt when it does not apply.
   std::optional<cpu::Packed4bit> cpu_bf16_columns(const at::Tensor& activation, int64_t rows) const {
-    if (!activation.is_cpu() || activation.scalar_type() != at::kBFloat16 || rows == 0 || K == 0 || K % 32 != 0 ||
-        N == 0) {
-      return std::nullopt;
-    }
-    return cpu::Packed4bit{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize),
-                           blocksize, parse_quant_type(quant_type), N, K};
+    if (!cpu_bf16_decodable(activation, rows)) return std::nullopt;
+    return cpu_view();
   }
 
   // The CPU panel path's view of W, or nullopt when that path does not apply to an activation of this dtype and
@@ -95,10 +102,9 @@ struct Weight4bit {
     if (!activation.is_cpu() || dtype == at::kDouble || rows == 0 || rows > cpu_panel_max_batch(dtype)) {
       return std::nullopt;
     }
-    cpu::Packed4bit p{packed, block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize), blocksize,
-                      parse_quant_type(quant_type), N, K};
-    if (cpu::panel_rows(p, dtype) == 0) return std::nullopt;
-    return p;
+    const cpu::Packed4bit view = cpu_view();
+    if (cpu::panel_rows(view, dtype) == 0) return std::nullopt;
+    return view;
   }
 };
 

@@ -352,6 +352,14 @@ def mutate_safetensors(data, raw: bytes) -> bytes:
     return _write_safetensors_raw(header, body)
 
 
+def _write_folder(folder: Path, files: dict) -> Path:
+    """A folder holding these files (name -> bytes), as a user would hand it to a loader."""
+    folder.mkdir()
+    for name, raw in files.items():
+        (folder / name).write_bytes(raw)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def adapter_files():
     model = fourbit.add_lora(_tiny_llama(), fourbit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -379,10 +387,7 @@ def test_fuzz_load_adapter(adapter_files, data):
     with torch.no_grad():
         before = model(ids).logits
     with tempfile.TemporaryDirectory() as d:
-        folder = Path(d) / "adapter"
-        folder.mkdir()
-        for name, raw in files.items():
-            (folder / name).write_bytes(raw)
+        folder = _write_folder(Path(d) / "adapter", files)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -431,10 +436,7 @@ def test_fuzz_from_pretrained(checkpoint_files, data):
         own = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}  # what a safetensors file can hold
         files["model.safetensors"] = st_save({**rest, **{k: v.contiguous() for k, v in own.items()}})
     with tempfile.TemporaryDirectory() as d:
-        folder = Path(d) / "ckpt"
-        folder.mkdir()
-        for name, raw in files.items():
-            (folder / name).write_bytes(raw)
+        folder = _write_folder(Path(d) / "ckpt", files)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// CPU entries of the 4-bit matmul: the small-batch GEMV (its loops are in matmul_kernels.h, one copy per instruction
-// set) and the panel path for the input gradient at medium batches.
+// CPU entries of the 4-bit matmul (their loops are in matmul_kernels.h, one copy per instruction set): the small-batch
+// GEMV, the panel path for the input gradient, the AMX path for bfloat16 and the column-tiled bfloat16 input gradient.
 #include "cpu/matmul_cpu.h"
 
 #include <ATen/ATen.h>
