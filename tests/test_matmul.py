@@ -29,7 +29,7 @@ def _reference(x, packed, state, bias=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("batch", [(1,), (2,), (5,), (16,), (2, 3), (70,)], ids=str)
+@pytest.mark.parametrize("batch", [(1,), (2,), (5,), (16,), (2, 3), (27,), (70,)], ids=str)
 @pytest.mark.parametrize(
     "nk, blocksize", [((96, 256), 64), ((33, 100), 32), ((128, 4096), 128), ((37, 96), 64)], ids=str
 )
@@ -56,13 +56,16 @@ def test_gemv_and_tiled_paths_agree():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("nk, blocksize", [((40, 96), 64), ((24, 160), 128), ((17, 32), 4096)], ids=str)
+@pytest.mark.parametrize(
+    "nk, blocksize", [((40, 96), 64), ((24, 160), 128), ((17, 32), 4096), ((30, 1056), 64)], ids=str
+)
 def test_gemv_with_blocks_straddling_rows(cpu_isa, dtype, nk, blocksize):
     # K % 32 == 0 but K % blocksize != 0: the GEMV looks up each 32-element chunk's own block, including blocks that
-    # start in one row and end in the next. Every batch up to the GEMV's largest (8) and each row-group remainder.
+    # start in one row and end in the next. Every batch up to the GEMV's largest (16: groups of 8, 4, 2, 1 rows of x),
+    # rows of W past the last full step of several rows, and (K = 1056) K walked in slices that end mid-block.
     n, k = nk
     packed, state = _weight(n, k, blocksize, nested=True)
-    for rows in range(1, 9):
+    for rows in range(1, 17):
         x = torch.randn(rows, k).to(dtype)
         expected = _reference(x, packed, state)
         rtol, atol = TOLERANCES[dtype]
@@ -103,7 +106,7 @@ def test_one_hot_rows_give_the_exact_dequantized_weight(cpu_isa, nested, nkb):
     packed, state = fourbit.quantize_4bit(w, blocksize, "nf4", compress_statistics=nested)
     for dtype in (torch.float32, torch.bfloat16):
         w_hat = fourbit.dequantize_4bit(packed, state, dtype)
-        for rows in (1, 3, 16, 40, 70):
+        for rows in (1, 3, 16, 32, 40, 70):
             cols = torch.randint(0, k, (rows,))
             x = torch.nn.functional.one_hot(cols, k).to(dtype).requires_grad_()
             y = fourbit.matmul_4bit(x, packed, state)

@@ -37,7 +37,7 @@ struct Dequantize4bitArgs {
 
 // y = x @ W.T for a small batch, W [N, K] 4-bit with K % 32 == 0.
 struct Gemv4bitArgs {
-  const float* x;  // [M, K] float32, each 32-element group deinterleaved: its 16 even elements, then its 16 odd
+  const float* x;  // [K / 32, M, 32] float32: chunk-major, each chunk deinterleaved (16 even elements, 16 odd)
   int64_t M, N, K;
   const uint8_t* packed;
   BlockScales scales;  // [N * K / blocksize] blocks

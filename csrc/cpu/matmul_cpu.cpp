@@ -18,9 +18,10 @@ namespace fourbit::cpu {
 void gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const BlockScales& scales, int64_t blocksize,
                QuantType quant_type, const at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
-  // Each 32-element group of x as its 16 even elements then its 16 odd ones: the order in which one 16-byte load of
-  // codes decodes (see matmul_kernels.h).
-  const at::Tensor xs = x.to(at::kFloat).reshape({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
+  // Chunk-major ([K / 32, M, 32]), each 32-element chunk of a row as its 16 even elements then its 16 odd ones: the
+  // order in which one 16-byte load of codes decodes, with a chunk of every row of x side by side (see
+  // matmul_kernels.h).
+  const at::Tensor xs = x.to(at::kFloat).reshape({M, K / 32, 16, 2}).permute({1, 0, 3, 2}).contiguous();
   const at::Tensor out = y.scalar_type() == at::kFloat ? y : at::empty({M, N}, y.options().dtype(at::kFloat));
   Gemv4bitArgs args{};
   args.x = xs.const_data_ptr<float>();
@@ -231,7 +232,10 @@ void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor&
     }
     at::native::cpublas::brgemm_release();
   });
-  grad_x.copy_(acc);
+  // The panels hold each 32-column chunk as its 16 even columns, then its 16 odd ones (see decode_row_pairs_bf16), and
+  // so do acc's columns.
+  TORCH_INTERNAL_ASSERT(grad_x.is_contiguous());
+  grad_x.view({M, K / 32, 16, 2}).copy_(acc.view({M, K / 32, 2, 16}).transpose(2, 3));
 }
 #else
 bool amx_bf16_available() { return false; }

@@ -11,11 +11,14 @@
 // Requirements (checked by the caller): K % 32 == 0. Blocks may straddle rows: blocksize is a power of two >= 32, so
 // a 32-element chunk of a row never straddles a block, and each chunk looks up its own block's scale.
 //
-// Loop order (gemv_4bit below): rows of x in groups that share each decoded chunk (8 on AVX-512, 4 elsewhere); when
-// there are several groups they take turns over a few rows of W at a time, which stay in L1 meanwhile.
+// Loop order (gemv_4bit below): W in turns of a few rows, whose block scales are decoded once into a small buffer;
+// within a turn, rows of x in groups (8 on AVX-512, 4 elsewhere) that share each decoded chunk. On AVX-512 each chunk
+// of codes also serves several rows of W at once (kRowsOfW), and K is walked in slices that keep the group's x in L1.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/kernels.h"
 
@@ -26,48 +29,116 @@
 namespace fourbit::cpu::FOURBIT_ISA_NS {
 namespace {
 
-// Rows of W that the row groups of x take turns over: 16 rows of K = 4096 are 32 KiB of codes.
-constexpr int64_t kGemvRowsPerTurn = 16;
-
 inline int log2_blocksize(int64_t blocksize) {
   int shift = 0;
   while ((int64_t{1} << shift) < blocksize) ++shift;
   return shift;
 }
 
-// The scale of the block holding element `index` of W (blocksize = 1 << block_shift).
-inline float chunk_scale(const Gemv4bitArgs& a, int64_t index, int block_shift) { return a.scales(index >> block_shift); }
+// Rows [n_begin, n_end) of W with their block scales decoded once (double-quantized scales cost a few scalar
+// operations each; every group of x rows and every chunk of a block reads the decoded float).
+struct GemvTurn {
+  int64_t n_begin, n_end;
+  const float* block_scales;  // blocks [first_block, ...)
+  int64_t first_block;
+  int block_shift;
+  int64_t K;
+  // The scale of the chunk of row n starting at column k.
+  float scale(int64_t n, int64_t k) const { return block_scales[((n * K + k) >> block_shift) - first_block]; }
+};
 
+// x is stored chunk-major: chunk c (columns 32c..32c+31) of all M rows, one row after the other, each deinterleaved.
+// One chunk of a group of rows is then contiguous, and a slice of K is a contiguous range.
+inline const float* gemv_x(const Gemv4bitArgs& a, int64_t m, int64_t k) { return a.x + (k / 32) * a.M * 32 + m * 32; }
 
 #if FOURBIT_ISA == 2
-// Rows of W one at a time; MT rows of x share each decoded chunk.
 constexpr int kGemvRowGroup = 8;
+// A multiple of every kRowsOfW below. 24 rows of W x 8 rows of x are 12 KiB of partial sums.
+constexpr int64_t kGemvRowsPerTurn = 24;
+// A slice of K covers this many floats of the group's x (12 KiB), so that slice, the turn's partial sums and codes
+// stay in L1 while the slice is applied to every row of the turn. A full K of 8 rows (128 KiB at K = 4096) would be
+// read from L2, which cannot feed two loads per pair of FMAs.
+constexpr int64_t kGemvSliceFloats = 3072;
 
+// Rows of W decoded per step for a group of MT rows of x: each loaded vector of x then feeds several FMAs (the load
+// ports, not the FMA ports, limit one row at a time), within the 32 registers (MT * NB accumulators).
 template <int MT>
-void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
+constexpr int kRowsOfW = MT >= 8 ? 3 : 4;
+
+// Rows [n, n + NB) of W times rows [m0, m0 + MT) of x over columns [k0, k1). Each (row of W, row of x) has one
+// accumulator, taking the even then the odd products. partial[r][m] holds the sums of earlier slices (k0 > 0); the
+// last slice writes y.
+template <int MT, int NB>
+void gemv_tile(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0, int64_t n, int64_t k0, int64_t k1,
+               float (*partial)[MT][16]) {
+  // Locals, not fields of `a`: the stores to partial / y could alias them, and reloading them costs load slots.
+  const int64_t K = a.K, x_chunk_stride = a.M * 32;
+  const int block_shift = turn.block_shift;
+  const uint8_t* rows[NB];
+  const float* scales[NB];  // the scales of each row's blocks, indexed by (column >> block_shift)
+  for (int r = 0; r < NB; ++r) {
+    rows[r] = a.packed + (n + r) * K / 2;
+    scales[r] = turn.block_scales + (((n + r) * K) >> block_shift) - turn.first_block;
+  }
+  // Blocks may straddle rows: a row's first column can sit inside a block, so column k is at offset
+  // ((n + r) * K + k) >> shift, not k >> shift, from the block of the row's first element. row_offset fixes that.
+  int64_t row_offset[NB];
+  for (int r = 0; r < NB; ++r) row_offset[r] = ((n + r) * K) & ((int64_t{1} << block_shift) - 1);
   const __m512 lut = _mm512_loadu_ps(a.lut);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = a.packed + n * a.K / 2;
-    __m512 acc[MT][2];
-    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < a.K; k += 32) {
-      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(chunk_scale(a, n * a.K + k, block_shift)));
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+  __m512 acc[NB][MT];
+  for (int r = 0; r < NB; ++r) {
+    for (int m = 0; m < MT; ++m) acc[r][m] = k0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(partial[r][m]);
+  }
+  const float* xs = a.x + (k0 / 32) * x_chunk_stride + m0 * 32;
+  for (int64_t k = k0; k < k1; k += 32, xs += x_chunk_stride) {
+    __m512 w_even[NB], w_odd[NB];
+    for (int r = 0; r < NB; ++r) {
+      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(scales[r][(row_offset[r] + k) >> block_shift]));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k / 2)));
       // permutexvar reads only the low 4 bits of each index: the byte itself indexes by its low nibble.
-      const __m512 w_odd = _mm512_permutexvar_ps(bytes, block_lut);
-      const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), block_lut);
-      for (int m = 0; m < MT; ++m) {
-        const float* xs = a.x + (m0 + m) * a.K + k;
-        acc[m][0] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xs), acc[m][0]);
-        acc[m][1] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xs + 16), acc[m][1]);
+      w_odd[r] = _mm512_permutexvar_ps(bytes, block_lut);
+      w_even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), block_lut);
+    }
+    for (int m = 0; m < MT; ++m) {
+      // The asm keeps each vector of x in a register: otherwise the compiler folds the load into every FMA that
+      // uses it, loading it NB times, and the load ports become the limit again.
+      __m512 x_even = _mm512_loadu_ps(xs + 32 * m);
+      asm("" : "+v"(x_even));
+      for (int r = 0; r < NB; ++r) acc[r][m] = _mm512_fmadd_ps(w_even[r], x_even, acc[r][m]);
+      __m512 x_odd = _mm512_loadu_ps(xs + 32 * m + 16);
+      asm("" : "+v"(x_odd));
+      for (int r = 0; r < NB; ++r) acc[r][m] = _mm512_fmadd_ps(w_odd[r], x_odd, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < NB; ++r) {
+    for (int m = 0; m < MT; ++m) {
+      if (k1 == K) {
+        a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+      } else {
+        _mm512_store_ps(partial[r][m], acc[r][m]);
       }
     }
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+  }
+}
+
+// Rows [m0, m0 + MT) of x against the turn's rows of W, slice by slice.
+template <int MT>
+void gemv_rows(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0) {
+  constexpr int NB = kRowsOfW<MT>;
+  alignas(64) float partial[kGemvRowsPerTurn][MT][16];
+  const int64_t slice = std::min<int64_t>(a.K, std::max<int64_t>(32, kGemvSliceFloats / MT / 32 * 32));
+  for (int64_t k0 = 0; k0 < a.K; k0 += slice) {
+    const int64_t k1 = std::min(a.K, k0 + slice);
+    int64_t n = turn.n_begin;
+    for (; n + NB <= turn.n_end; n += NB) gemv_tile<MT, NB>(a, turn, m0, n, k0, k1, partial + (n - turn.n_begin));
+    for (; n < turn.n_end; ++n) gemv_tile<MT, 1>(a, turn, m0, n, k0, k1, partial + (n - turn.n_begin));
   }
 }
 
 #elif FOURBIT_ISA == 1
 constexpr int kGemvRowGroup = 4;
+// 16 rows of K = 4096 are 32 KiB of codes, which stay in L1 while the groups of x take turns.
+constexpr int64_t kGemvRowsPerTurn = 16;
 
 inline __m256 lookup16(__m256 lo, __m256 hi, __m256i index) {
   const __m256 from_lo = _mm256_permutevar8x32_ps(lo, index);
@@ -82,26 +153,28 @@ inline float reduce_add(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Rows of W one at a time; MT rows of x share each decoded chunk.
 template <int MT>
-void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
+void gemv_rows(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0) {
   const __m256 lut_lo = _mm256_loadu_ps(a.lut), lut_hi = _mm256_loadu_ps(a.lut + 8);
   const __m256i low_nibble = _mm256_set1_epi32(0xF);
-  for (int64_t n = n_begin; n < n_end; ++n) {
+  for (int64_t n = turn.n_begin; n < turn.n_end; ++n) {
     const uint8_t* row = a.packed + n * a.K / 2;
     __m256 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < a.K; k += 32) {
-      const __m256 scale = _mm256_set1_ps(chunk_scale(a, n * a.K + k, block_shift));
+      const __m256 scale = _mm256_set1_ps(turn.scale(n, k));
       const __m256 lo = _mm256_mul_ps(lut_lo, scale), hi = _mm256_mul_ps(lut_hi, scale);
+      const float* xs = gemv_x(a, m0, k);
       for (int half = 0; half < 2; ++half) {  // 8 bytes = 8 even + 8 odd weights
         const __m256i bytes =
             _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8 * half)));
         const __m256 w_odd = lookup16(lo, hi, _mm256_and_si256(bytes, low_nibble));
         const __m256 w_even = lookup16(lo, hi, _mm256_srli_epi32(bytes, 4));
         for (int m = 0; m < MT; ++m) {
-          const float* xs = a.x + (m0 + m) * a.K + k + 8 * half;
-          acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xs), acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xs + 16), acc[m][1]);
+          const float* x_chunk = xs + 32 * m + 8 * half;
+          acc[m][0] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(x_chunk), acc[m][0]);
+          acc[m][1] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(x_chunk + 16), acc[m][1]);
         }
       }
     }
@@ -111,21 +184,20 @@ void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_beg
 
 #else
 constexpr int kGemvRowGroup = 4;
+constexpr int64_t kGemvRowsPerTurn = 16;
 
 template <int MT>
-void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_begin, int64_t n_end) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
+void gemv_rows(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0) {
+  for (int64_t n = turn.n_begin; n < turn.n_end; ++n) {
     const uint8_t* row = a.packed + n * a.K / 2;
     float acc[MT] = {};
     for (int64_t k = 0; k < a.K; k += 32) {
-      const float scale = chunk_scale(a, n * a.K + k, block_shift);
+      const float scale = turn.scale(n, k);
+      const float* xs = gemv_x(a, m0, k);
       for (int j = 0; j < 16; ++j) {
         const uint8_t byte = row[k / 2 + j];
         const float w_even = a.lut[first_nibble(byte)] * scale, w_odd = a.lut[second_nibble(byte)] * scale;
-        for (int m = 0; m < MT; ++m) {
-          const float* xs = a.x + (m0 + m) * a.K + k;
-          acc[m] += w_even * xs[j] + w_odd * xs[16 + j];
-        }
+        for (int m = 0; m < MT; ++m) acc[m] += w_even * xs[32 * m + j] + w_odd * xs[32 * m + 16 + j];
       }
     }
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n] = acc[m];
@@ -135,35 +207,63 @@ void gemv_rows(const Gemv4bitArgs& a, int block_shift, int64_t m0, int64_t n_beg
 
 // Rows [m, M) of x: groups of MT rows, then the remainder in halving groups.
 template <int MT>
-void gemv_groups(const Gemv4bitArgs& a, int block_shift, int64_t m, int64_t n_begin, int64_t n_end) {
-  for (; m + MT <= a.M; m += MT) gemv_rows<MT>(a, block_shift, m, n_begin, n_end);
-  if constexpr (MT > 1) gemv_groups<MT / 2>(a, block_shift, m, n_begin, n_end);
+void gemv_groups(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m) {
+  for (; m + MT <= a.M; m += MT) gemv_rows<MT>(a, turn, m);
+  if constexpr (MT > 1) gemv_groups<MT / 2>(a, turn, m);
 }
 
 void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
   const int block_shift = log2_blocksize(a.blocksize);
-  const int64_t turn = a.M <= kGemvRowGroup ? n_end - n_begin : kGemvRowsPerTurn;
-  for (int64_t n = n_begin; n < n_end; n += turn) {
-    gemv_groups<kGemvRowGroup>(a, block_shift, 0, n, std::min(n_end, n + turn));
+  std::vector<float> scales;
+  for (int64_t n = n_begin; n < n_end; n += kGemvRowsPerTurn) {
+    const int64_t n_stop = std::min(n_end, n + kGemvRowsPerTurn);
+    const int64_t first_block = (n * a.K) >> block_shift, end_block = ((n_stop * a.K - 1) >> block_shift) + 1;
+    scales.resize(end_block - first_block);
+    for (int64_t b = first_block; b < end_block; ++b) scales[b - first_block] = a.scales(b);
+    const GemvTurn turn{n, n_stop, scales.data(), first_block, block_shift, a.K};
+    gemv_groups<kGemvRowGroup>(a, turn, 0);
   }
 }
 
 // ---- bfloat16 panels of W for the AMX path ----
 // Each 32-element chunk of a row shares one block scale (as in the GEMV). The values are bf16(code value * scale) with
 // the product in float32: exactly what dequantize_4bit writes.
+//
+// Row pairs (the input gradient's VNNI panels) come with each 32-column chunk deinterleaved: its 16 even columns,
+// then its 16 odd ones, pair by pair. The gradient's columns come out in that order, and amx_grad_x puts them back.
+// (That is the order in which one 16-byte load of codes decodes; interleaving the columns here cost more than the
+// decode itself.)
+
+// Where column k of a row pair lands in a deinterleaved panel row (relative to the panel's first column, a multiple
+// of 32).
+inline int64_t pair_panel_position(int64_t k) { return k / 32 * 32 + (k % 2) * 16 + (k % 32) / 2; }
 
 #if FOURBIT_ISA == 2
-// The chunk's codebook scaled and rounded to bfloat16, in the low 16 words of a zmm (permutexvar_epi16 indexes it).
+// The codebook scaled by `scale`, each entry rounded to bfloat16 in the high word of its dword (word 2c + 1 holds
+// entry c): the rounding is bf16_bits' integer one, without the narrowing to 16 bits, which a decoder's word permute
+// does for free by reading odd words. Entries can be NaN only when the scale is not finite (the codebook is finite);
+// that rare case takes bf16_bits itself.
 inline __m512i scaled_table_bf16(__m512 lut, float scale) {
-  return _mm512_castsi256_si512(bf16_bits(_mm512_mul_ps(lut, _mm512_set1_ps(scale))));
+  const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(scale));
+  if (!std::isfinite(scale)) return _mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16);
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+}
+
+// 16 packed bytes as dwords (byte i in dword i).
+inline __m512i load_code_bytes(const uint8_t* bytes) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
 }
 
 // 16 packed bytes -> their 32 values in element order: dword i holds byte i, whose high nibble (element 2i) becomes
-// word 2i and whose low nibble (element 2i + 1) word 2i + 1.
+// word 2i and whose low nibble (element 2i + 1) word 2i + 1. A nibble c reads the table's word 2c + 1: in word 2i,
+// (b >> 3) puts the high nibble at bits 1-4 (bit 0 is forced to 1); in word 2i + 1, (b << 17) puts the low nibble at
+// bits 1-4 of that word. permutexvar_epi16 reads the low 5 bits of each word.
 inline __m512i decode32_bf16(const uint8_t* bytes, __m512i table) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i index =
-      _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0xF)), 16));
+  const __m512i b = load_code_bytes(bytes);
+  const __m512i index = _mm512_ternarylogic_epi32(_mm512_srli_epi32(b, 3), _mm512_slli_epi32(b, 17),
+                                                  _mm512_set1_epi32(0x00010001), 0xFE);  // a | b | c
   return _mm512_permutexvar_epi16(index, table);
 }
 
@@ -180,15 +280,18 @@ struct RowDecoder {
   explicit RowDecoder(const PanelBf16Args& a)
       : packed(a.packed), scales(a.scales), N(a.N), K(a.K), block_shift(log2_blocksize(a.blocksize)),
         lut(_mm512_loadu_ps(a.lut)) {}
-  // Row n's 32 values at column k (n < N).
-  __m512i chunk(int64_t n, int64_t k) {
+  // The table of the block holding row n's column k.
+  __m512i table_at(int64_t n, int64_t k) {
     const int64_t index = n * K + k;
     if ((index >> block_shift) != block) {
       block = index >> block_shift;
       table = scaled_table_bf16(lut, scales(block));
     }
-    return decode32_bf16(packed + index / 2, table);
+    return table;
   }
+  // Row n's 32 values at column k (n < N).
+  __m512i chunk(int64_t n, int64_t k) { return decode32_bf16(packed + (n * K + k) / 2, table_at(n, k)); }
+  const uint8_t* codes(int64_t n, int64_t k) const { return packed + (n * K + k) / 2; }
 };
 
 void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
@@ -201,23 +304,31 @@ void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Each chunk of a row pair (rows n and n + 1, 32 columns) in two permutes over both rows' tables
+// (permutex2var_epi16: bits 0-4 of a word pick the word, bit 5 the table). Dword j of the result pairs row n's and
+// row n + 1's values of one column: for the even columns (high nibbles) the low word indexes row n's table with
+// (a >> 3) | 1 and the high word row n + 1's with (b << 13) | 1 << 16 | 1 << 21; for the odd columns (low nibbles)
+// the nibbles are masked out of (a << 1) and (b << 17) first, because the bits above them would pick the table.
 void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
   RowDecoder even(a), odd(a);
   const int64_t k_begin = a.k_begin, k_end = a.k_end, width = k_end - k_begin, N = a.N;
   uint16_t* const out = a.out;
-  // unpack{lo,hi}_epi16 interleave within 128-bit lanes (lo: elements 8L..8L+3 of lane L, hi: 8L+4..8L+7); the
-  // 64-bit permutes put the pairs back in column order.
-  const __m512i first_half = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-  const __m512i second_half = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const __m512i set_bits = _mm512_set1_epi32(0x00210001), odd_nibbles = _mm512_set1_epi32(0x001E001E);
   for (int64_t n = n_begin; n < n_end; n += 2) {
     uint16_t* pair = out + (n - n_begin) * width;  // pair (n - n_begin) / 2: 2 * width values
     const bool second_row = n + 1 < N;             // past N: a zero row
     for (int64_t k = k_begin; k < k_end; k += 32) {
-      const __m512i r0 = even.chunk(n, k), r1 = second_row ? odd.chunk(n + 1, k) : _mm512_setzero_si512();
-      const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
+      const __m512i ta = even.table_at(n, k), tb = second_row ? odd.table_at(n + 1, k) : _mm512_setzero_si512();
+      const __m512i ca = load_code_bytes(even.codes(n, k));
+      const __m512i cb = second_row ? load_code_bytes(odd.codes(n + 1, k)) : _mm512_setzero_si512();
+      const __m512i even_index =
+          _mm512_ternarylogic_epi32(_mm512_srli_epi32(ca, 3), _mm512_slli_epi32(cb, 13), set_bits, 0xFE);
+      const __m512i odd_index = _mm512_or_si512(
+          _mm512_ternarylogic_epi32(_mm512_slli_epi32(ca, 1), _mm512_slli_epi32(cb, 17), odd_nibbles, 0xA8),
+          set_bits);  // ((a << 1) | (b << 17)) & odd_nibbles, then the fixed bits
       uint16_t* dst = pair + 2 * (k - k_begin);
-      _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(lo, first_half, hi));
-      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi64(lo, second_half, hi));
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(ta, even_index, tb));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(ta, odd_index, tb));
     }
   }
 }
@@ -247,8 +358,9 @@ void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_en
   for (int64_t n = n_begin; n < n_end; n += 2) {
     uint16_t* out = a.out + (n - n_begin) * width;
     for (int64_t k = a.k_begin; k < a.k_end; ++k) {
-      out[2 * (k - a.k_begin)] = panel_value(a, shift, n, k);
-      out[2 * (k - a.k_begin) + 1] = panel_value(a, shift, n + 1, k);
+      const int64_t position = pair_panel_position(k - a.k_begin);
+      out[2 * position] = panel_value(a, shift, n, k);
+      out[2 * position + 1] = panel_value(a, shift, n + 1, k);
     }
   }
 }
