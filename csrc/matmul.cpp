@@ -47,6 +47,10 @@ int64_t cpu_panel_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ?
 // batches 256-512, where the tiled path gives 0.94x; the column-tiled input gradient 0.92x at 512).
 constexpr int64_t kCpuAmxMaxBatch = 64;
 
+// Largest batch for the CPU input-gradient GEMV (float32, AVX-512; cpu/matmul_cpu.h), above which the panel path
+// takes over.
+constexpr int64_t kCpuGemvGradMaxBatch = 32;
+
 using OptTensor = std::optional<at::Tensor>;
 
 struct Weight4bit {
@@ -93,6 +97,15 @@ struct Weight4bit {
   // The CPU column-tiled bfloat16 input gradient's view of W (cpu/matmul_cpu.h), or nullopt when it does not apply.
   std::optional<cpu::Packed4bit> cpu_bf16_columns(const at::Tensor& activation, int64_t rows) const {
     if (!cpu_bf16_decodable(activation, rows)) return std::nullopt;
+    return cpu_view();
+  }
+
+  // The CPU input-gradient GEMV's view of W (float32, small batches, AVX-512), or nullopt when it does not apply.
+  std::optional<cpu::Packed4bit> cpu_gemv_grad(const at::Tensor& activation, int64_t rows) const {
+    if (!activation.is_cpu() || activation.scalar_type() != at::kFloat || rows == 0 ||
+        rows > kCpuGemvGradMaxBatch || K == 0 || K % 32 != 0 || N == 0 || !cpu::gemv_grad_available()) {
+      return std::nullopt;
+    }
     return cpu_view();
   }
 
@@ -208,9 +221,10 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
   check_activation(grad_y, "grad_y", w.N, "out_features", packed, "packed");
   const int64_t M = leading_rows(grad_y);
   const auto amx = w.cpu_amx(grad_y, M);
-  const auto panels = amx ? std::nullopt : w.cpu_panels(grad_y, M);
-  const auto columns = amx || panels ? std::nullopt : w.cpu_bf16_columns(grad_y, M);
-  if (amx || panels || columns) {
+  const auto gemv = amx ? std::nullopt : w.cpu_gemv_grad(grad_y, M);
+  const auto panels = amx || gemv ? std::nullopt : w.cpu_panels(grad_y, M);
+  const auto columns = amx || gemv || panels ? std::nullopt : w.cpu_bf16_columns(grad_y, M);
+  if (amx || gemv || panels || columns) {
     std::vector<int64_t> in_shape(grad_y.sizes().begin(), grad_y.sizes().end());
     in_shape.back() = w.K;
     at::Tensor grad_x = at::empty(in_shape, grad_y.options());
@@ -218,6 +232,8 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
     at::Tensor gx = grad_x.view({M, w.K});
     if (amx) {
       cpu::amx_grad_x(g, *amx, gx);
+    } else if (gemv) {
+      cpu::gemv_grad_x(g, *gemv, gx);
     } else if (panels) {
       cpu::panel_grad_x(g, *panels, gx);
     } else {

@@ -77,12 +77,13 @@ def test_gemv_with_blocks_straddling_rows(cpu_isa, dtype, nk, blocksize):
 @pytest.mark.parametrize(
     "nk, blocksize", [((200, 100), 64), ((151, 96), 64), ((64, 4096), 256), ((1200, 64), 32)], ids=str
 )
-@pytest.mark.parametrize("rows", [1, 3, 9, 40, 70])
+@pytest.mark.parametrize("rows", [1, 3, 9, 32, 40, 70])
 def test_input_gradient_matches_reference(cpu_isa, dtype, nk, blocksize, rows):
-    # Small and medium batches take the panel path on the CPU (per-thread panels of W starting on block boundaries:
-    # with K = 100 and blocksize 64 only every 16th row does) or, for bfloat16 with K % 32 == 0 on CPUs with AMX, the
-    # AMX path (odd N: a zero row pads the last pair; N = 1200: more than one reduction panel); larger ones the tiled
-    # GEMM.
+    # float32 batches up to 32 with K % 32 == 0 take the input-gradient GEMV on AVX-512 (blocks of 64 rows of W: N =
+    # 151 and 1200 end in a partial block; K = 4096: several 512-column strips). Other small and medium batches take
+    # the panel path on the CPU (per-thread panels of W starting on block boundaries: with K = 100 and blocksize 64
+    # only every 16th row does) or, for bfloat16 with K % 32 == 0 on CPUs with AMX, the AMX path (odd N: a zero row
+    # pads the last pair; N = 1200: more than one reduction panel); larger ones the tiled GEMM.
     n, k = nk
     packed, state = _weight(n, k, blocksize, nested=True)
     x = torch.randn(rows, k).to(dtype).requires_grad_()

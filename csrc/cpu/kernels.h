@@ -46,6 +46,17 @@ struct Gemv4bitArgs {
   float* y;  // [M, N] float32
 };
 
+// The input gradient of the GEMV: grad_x [M, K] = grad_y [M, N] @ W, float32, for small M (matmul_kernels.h).
+struct GemvGradArgs {
+  const float* grad_y_t;  // [N, M] float32: grad_y transposed, so the M values of one row of W sit side by side
+  int64_t M, N, K;
+  const uint8_t* packed;
+  BlockScales scales;
+  int64_t blocksize;
+  float lut[16];
+  float* grad_x;  // [M, K] float32
+};
+
 // Rows of W [N, K] decoded to bfloat16 (the values dequantize_4bit gives) into a panel for the AMX path
 // (matmul_cpu.cpp): columns [k_begin, k_end), multiples of 32 (K % 32 == 0).
 struct PanelBf16Args {
@@ -114,8 +125,13 @@ struct QuantKernels {
   // Rows [n_begin, n_end) of W, row r at out + (r - n_begin) * (k_end - k_begin): the A operand of a GEMM.
   void (*decode_rows_bf16)(const PanelBf16Args&, int64_t n_begin, int64_t n_end);
   // Rows [n_begin, n_end) in pairs, interleaved (VNNI: pair p holds (W[n_begin + 2p, k], W[n_begin + 2p + 1, k]) for
-  // each k, 2 * (k_end - k_begin) values): the B operand of an AMX GEMM. A row at or past N reads as zeros.
+  // each k, 2 * (k_end - k_begin) values): the B operand of an AMX GEMM. The columns of each 32-column chunk come
+  // deinterleaved (its 16 even columns, then its 16 odd ones; see pair_panel_position). A row at or past N reads as
+  // zeros.
   void (*decode_row_pairs_bf16)(const PanelBf16Args&, int64_t n_begin, int64_t n_end);
+  // Chunks [chunk_begin, chunk_end) of 32 columns of grad_x. Only on AVX-512 (null elsewhere: the panel path serves
+  // those CPUs).
+  void (*gemv_grad_4bit)(const GemvGradArgs&, int64_t chunk_begin, int64_t chunk_end);
   // Elements [begin, end).
   void (*fake_quantize_affine)(const FakeQuantArgs&, int64_t begin, int64_t end);
   void (*fake_quantize_affine_grad)(const FakeQuantGradArgs&, int64_t begin, int64_t end);

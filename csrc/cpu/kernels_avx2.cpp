@@ -11,7 +11,7 @@ namespace fourbit::cpu {
 const QuantKernels& avx2_kernels() {
   static const QuantKernels kernels{"avx2", &isa_avx2::quantize_4bit, &isa_avx2::dequantize_4bit,
                                     &isa_avx2::gemv_4bit, &isa_avx2::decode_rows_bf16,
-                                    &isa_avx2::decode_row_pairs_bf16, &isa_avx2::fake_quantize_affine,
+                                    &isa_avx2::decode_row_pairs_bf16, nullptr, &isa_avx2::fake_quantize_affine,
                                     &isa_avx2::fake_quantize_affine_grad, &isa_avx2::fake_quantize_4bit,
                                     &isa_avx2::dequantize_int};
   return kernels;

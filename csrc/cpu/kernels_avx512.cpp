@@ -11,7 +11,7 @@ namespace fourbit::cpu {
 const QuantKernels& avx512_kernels() {
   static const QuantKernels kernels{"avx512", &isa_avx512::quantize_4bit, &isa_avx512::dequantize_4bit,
                                     &isa_avx512::gemv_4bit, &isa_avx512::decode_rows_bf16,
-                                    &isa_avx512::decode_row_pairs_bf16, &isa_avx512::fake_quantize_affine,
+                                    &isa_avx512::decode_row_pairs_bf16, &isa_avx512::gemv_grad_4bit, &isa_avx512::fake_quantize_affine,
                                     &isa_avx512::fake_quantize_affine_grad, &isa_avx512::fake_quantize_4bit,
                                     &isa_avx512::dequantize_int};
   return kernels;

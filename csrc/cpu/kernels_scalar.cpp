@@ -11,7 +11,7 @@ namespace fourbit::cpu {
 const QuantKernels& scalar_kernels() {
   static const QuantKernels kernels{"scalar", &isa_scalar::quantize_4bit, &isa_scalar::dequantize_4bit,
                                     &isa_scalar::gemv_4bit, &isa_scalar::decode_rows_bf16,
-                                    &isa_scalar::decode_row_pairs_bf16, &isa_scalar::fake_quantize_affine,
+                                    &isa_scalar::decode_row_pairs_bf16, nullptr, &isa_scalar::fake_quantize_affine,
                                     &isa_scalar::fake_quantize_affine_grad, &isa_scalar::fake_quantize_4bit,
                                     &isa_scalar::dequantize_int};
   return kernels;

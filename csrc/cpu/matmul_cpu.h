@@ -23,6 +23,12 @@ struct Packed4bit {
   int64_t N, K;
 };
 
+// The GEMV for the input gradient at small batches (AVX-512 only: gemv_grad_available): grad_x [M, K] = grad_y [M, N]
+// @ W in float32 with W decoded in registers, each thread owning chunks of 32 columns of grad_x. grad_y contiguous,
+// any float dtype; grad_x contiguous [M, K]; requires K % 32 == 0.
+bool gemv_grad_available();
+void gemv_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
+
 // The panel path for the input gradient at medium batches: each thread dequantizes panels of a few rows
 // of W into its own cache-sized buffer and multiplies them right away, so W is read once and its dequantized values
 // stay in that core's cache (the tiled path's large tiles go through the shared cache and memory). Returns the rows

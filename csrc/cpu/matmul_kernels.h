@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -92,6 +93,9 @@ void gemv_tile(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0, int64_t 
   const float* xs = a.x + (k0 / 32) * x_chunk_stride + m0 * 32;
   for (int64_t k = k0; k < k1; k += 32, xs += x_chunk_stride) {
     __m512 w_even[NB], w_odd[NB];
+    if (k % 128 == 0 && k + k1 - k0 < K) {  // the same rows' next slice, a line (128 columns) at a time
+      for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + (k + k1 - k0) / 2), _MM_HINT_T0);
+    }
     for (int r = 0; r < NB; ++r) {
       const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(scales[r][(row_offset[r] + k) >> block_shift]));
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k / 2)));
@@ -133,6 +137,105 @@ void gemv_rows(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0) {
     for (; n + NB <= turn.n_end; n += NB) gemv_tile<MT, NB>(a, turn, m0, n, k0, k1, partial + (n - turn.n_begin));
     for (; n < turn.n_end; ++n) gemv_tile<MT, 1>(a, turn, m0, n, k0, k1, partial + (n - turn.n_begin));
   }
+}
+
+
+// ---- The input gradient at small batches: grad_x[m, k] = sum_n grad_y[m, n] * W[n, k] ----
+// Each thread owns strips of grad_x's columns, so no sums cross threads. W is walked in blocks of rows; for each
+// 32-column chunk of the strip and each group of rows of grad_y, the accumulators (16 even and 16 odd columns per
+// row of grad_y) stay in registers down the block's rows: each row's 16 bytes of codes decode once into two vectors
+// that every row of the group multiplies by its grad_y[m, n]. Between blocks the sums wait in a per-thread buffer.
+// The block is what keeps this fast: a strip of 64 rows is 16 KiB of codes on 32 pages, so the codes stay in L1 for
+// every chunk and group, and the pages in the TLB (a walk down all rows of a column touches a new page every other
+// row of a 4096-column W, which made the first version slower than dequantizing panels).
+constexpr int kGradRowGroup = 8;
+constexpr int64_t kGradBlockRows = 64;
+constexpr int64_t kGradStripChunks = 16;  // 512 columns: 256 bytes of codes per row
+
+struct GradStrip {
+  int64_t c0, chunks;        // chunks [c0, c0 + chunks) of 32 columns
+  int64_t n0, rows;          // rows [n0, n0 + rows) of W
+  const float* chunk_scales;  // [rows][kGradStripChunks]: the scale of each row's chunk
+  float* sums;               // [M][kGradStripChunks][32] float32: even then odd columns of each chunk
+  bool first, last;          // the strip's first / last block of rows
+  int64_t next_rows;         // rows in the next block (0 for the last)
+};
+
+// Rows [m0, m0 + MT) of grad_y against one block of one strip.
+template <int MT>
+void gemv_grad_rows(const GemvGradArgs& a, const GradStrip& s, int64_t m0) {
+  const int64_t M = a.M, K = a.K;
+  const __m512 lut = _mm512_loadu_ps(a.lut);
+  // Even columns are lanes 0-15 of `even`, odd ones of `odd`: element order interleaves them.
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t c = 0; c < s.chunks; ++c) {
+    const int64_t k = (s.c0 + c) * 32;
+    __m512 even[MT], odd[MT];
+    for (int m = 0; m < MT; ++m) {
+      float* sum = s.sums + ((m0 + m) * kGradStripChunks + c) * 32;
+      even[m] = s.first ? _mm512_setzero_ps() : _mm512_load_ps(sum);
+      odd[m] = s.first ? _mm512_setzero_ps() : _mm512_load_ps(sum + 16);
+    }
+    const uint8_t* codes = a.packed + (s.n0 * K + k) / 2;
+    const float* g = a.grad_y_t + s.n0 * M + m0;
+    const float* scale = s.chunk_scales + c;
+    // The next block's codes come from memory while this one computes (one line per row of W and chunk pass, on
+    // the first group's first passes): a strip's rows are a row of codes apart, one short run per page, which the
+    // hardware prefetchers do not follow.
+    const bool prefetch = m0 == 0 && c * 64 < s.chunks * 16;
+    const uint8_t* next = a.packed + ((s.n0 + s.rows) * K + s.c0 * 32) / 2 + c * 64;
+    for (int64_t r = 0; r < s.rows; ++r, codes += K / 2, g += M, scale += kGradStripChunks) {
+      if (prefetch && r < s.next_rows) _mm_prefetch(reinterpret_cast<const char*>(next + r * K / 2), _MM_HINT_T0);
+      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(*scale));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+      const __m512 w_odd = _mm512_permutexvar_ps(bytes, block_lut);
+      const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), block_lut);
+      for (int m = 0; m < MT; ++m) {
+        const __m512 gm = _mm512_set1_ps(g[m]);
+        even[m] = _mm512_fmadd_ps(w_even, gm, even[m]);
+        odd[m] = _mm512_fmadd_ps(w_odd, gm, odd[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      if (s.last) {
+        float* out = a.grad_x + (m0 + m) * K + k;
+        _mm512_storeu_ps(out, _mm512_permutex2var_ps(even[m], first_half, odd[m]));
+        _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even[m], second_half, odd[m]));
+      } else {
+        float* sum = s.sums + ((m0 + m) * kGradStripChunks + c) * 32;
+        _mm512_store_ps(sum, even[m]);
+        _mm512_store_ps(sum + 16, odd[m]);
+      }
+    }
+  }
+}
+
+template <int MT>
+void gemv_grad_groups(const GemvGradArgs& a, const GradStrip& s, int64_t m) {
+  for (; m + MT <= a.M; m += MT) gemv_grad_rows<MT>(a, s, m);
+  if constexpr (MT > 1) gemv_grad_groups<MT / 2>(a, s, m);
+}
+
+void gemv_grad_4bit(const GemvGradArgs& a, int64_t chunk_begin, int64_t chunk_end) {
+  const int block_shift = log2_blocksize(a.blocksize);
+  std::vector<float> chunk_scales(kGradBlockRows * kGradStripChunks);
+  float* sums = static_cast<float*>(std::aligned_alloc(64, a.M * kGradStripChunks * 32 * sizeof(float)));
+  for (int64_t c0 = chunk_begin; c0 < chunk_end; c0 += kGradStripChunks) {
+    const int64_t chunks = std::min(kGradStripChunks, chunk_end - c0);
+    for (int64_t n0 = 0; n0 < a.N; n0 += kGradBlockRows) {
+      const int64_t rows = std::min(kGradBlockRows, a.N - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          chunk_scales[r * kGradStripChunks + c] = a.scales(((n0 + r) * a.K + (c0 + c) * 32) >> block_shift);
+        }
+      }
+      const int64_t next_rows = std::min(kGradBlockRows, a.N - n0 - rows);
+      const GradStrip strip{c0, chunks, n0, rows, chunk_scales.data(), sums, n0 == 0, n0 + rows == a.N, next_rows};
+      gemv_grad_groups<kGradRowGroup>(a, strip, 0);
+    }
+  }
+  std::free(sums);
 }
 
 #elif FOURBIT_ISA == 1
