@@ -48,6 +48,33 @@ struct GemvTurn {
   float scale(int64_t n, int64_t k) const { return block_scales[((n * K + k) >> block_shift) - first_block]; }
 };
 
+// Block scales [first, first + count) as float32 into out: a copy of plain scales, or the double-quantized ones
+// decoded (on AVX-512 16 at a time, with gathers from the nested codebook; the same multiply and add as BlockScales).
+inline void decode_block_scales(const BlockScales& scales, int64_t first, int64_t count, float* out) {
+  if (scales.absmax != nullptr) {
+    std::copy(scales.absmax + first, scales.absmax + first + count, out);
+    return;
+  }
+  int64_t i = 0;
+#if FOURBIT_ISA == 2
+  const __m512 offset = _mm512_set1_ps(*scales.offset);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m128i shift = _mm_cvtsi32_si128(scales.nested_shift);
+  for (; i + 16 <= count; i += 16) {
+    const int64_t block = first + i;
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales.qabsmax + block)));
+    const __m512 code = _mm512_i32gather_ps(q, scales.nested_code, 4);
+    // Nested groups of the 16 blocks, relative to the first one's (so the indices stay small).
+    const int64_t group0 = block >> scales.nested_shift;
+    const __m512i within = _mm512_set1_epi32(static_cast<int32_t>(block - (group0 << scales.nested_shift)));
+    const __m512i group = _mm512_srl_epi32(_mm512_add_epi32(within, lanes), shift);
+    const __m512 nested = _mm512_i32gather_ps(group, scales.nested_absmax + group0, 4);
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_mul_ps(code, nested), offset));
+  }
+#endif
+  for (; i < count; ++i) out[i] = scales(first + i);
+}
+
 // x is stored chunk-major: chunk c (columns 32c..32c+31) of all M rows, one row after the other, each deinterleaved.
 // One chunk of a group of rows is then contiguous, and a slice of K is a contiguous range.
 inline const float* gemv_x(const Gemv4bitArgs& a, int64_t m, int64_t k) { return a.x + (k / 32) * a.M * 32 + m * 32; }
@@ -93,8 +120,12 @@ void gemv_tile(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0, int64_t 
   const float* xs = a.x + (k0 / 32) * x_chunk_stride + m0 * 32;
   for (int64_t k = k0; k < k1; k += 32, xs += x_chunk_stride) {
     __m512 w_even[NB], w_odd[NB];
-    if (k % 128 == 0 && k + k1 - k0 < K) {  // the same rows' next slice, a line (128 columns) at a time
-      for (int r = 0; r < NB; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + (k + k1 - k0) / 2), _MM_HINT_T0);
+    // The next rows' codes for the same columns (what the next tile reads), a line (128 columns) per row every four
+    // chunks: rows are only a page or two long, too short for the hardware prefetchers to follow.
+    if (k % 128 == 0) {
+      for (int r = 0; r < NB && n + NB + r < a.N; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + NB * K / 2 + k / 2), _MM_HINT_T0);
+      }
     }
     for (int r = 0; r < NB; ++r) {
       const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(scales[r][(row_offset[r] + k) >> block_shift]));
@@ -322,7 +353,7 @@ void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
     const int64_t n_stop = std::min(n_end, n + kGemvRowsPerTurn);
     const int64_t first_block = (n * a.K) >> block_shift, end_block = ((n_stop * a.K - 1) >> block_shift) + 1;
     scales.resize(end_block - first_block);
-    for (int64_t b = first_block; b < end_block; ++b) scales[b - first_block] = a.scales(b);
+    decode_block_scales(a.scales, first_block, end_block - first_block, scales.data());
     const GemvTurn turn{n, n_stop, scales.data(), first_block, block_shift, a.K};
     gemv_groups<kGemvRowGroup>(a, turn, 0);
   }
