@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <new>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -34,6 +35,14 @@ inline int log2_blocksize(int64_t blocksize) {
   int shift = 0;
   while ((int64_t{1} << shift) < blocksize) ++shift;
   return shift;
+}
+
+// Calls fn.template operator()<G>(m) for the rows [m, M) of x (or grad_y): groups of G = MT rows, then the remainder
+// in halving groups (each group size is its own instantiation of the kernel, with its own register tile).
+template <int MT, typename F>
+void for_each_row_group(int64_t M, int64_t m, F&& fn) {
+  for (; m + MT <= M; m += MT) fn.template operator()<MT>(m);
+  if constexpr (MT > 1) for_each_row_group<MT / 2>(M, m, fn);
 }
 
 // Rows [n_begin, n_end) of W with their block scales decoded once (double-quantized scales cost a few scalar
@@ -242,16 +251,12 @@ void gemv_grad_rows(const GemvGradArgs& a, const GradStrip& s, int64_t m0) {
   }
 }
 
-template <int MT>
-void gemv_grad_groups(const GemvGradArgs& a, const GradStrip& s, int64_t m) {
-  for (; m + MT <= a.M; m += MT) gemv_grad_rows<MT>(a, s, m);
-  if constexpr (MT > 1) gemv_grad_groups<MT / 2>(a, s, m);
-}
-
 void gemv_grad_4bit(const GemvGradArgs& a, int64_t chunk_begin, int64_t chunk_end) {
   const int block_shift = log2_blocksize(a.blocksize);
   std::vector<float> chunk_scales(kGradBlockRows * kGradStripChunks);
+  // 64-byte aligned (the size, M * 2 KiB, is a multiple of it).
   float* sums = static_cast<float*>(std::aligned_alloc(64, a.M * kGradStripChunks * 32 * sizeof(float)));
+  if (sums == nullptr) throw std::bad_alloc();
   for (int64_t c0 = chunk_begin; c0 < chunk_end; c0 += kGradStripChunks) {
     const int64_t chunks = std::min(kGradStripChunks, chunk_end - c0);
     for (int64_t n0 = 0; n0 < a.N; n0 += kGradBlockRows) {
@@ -263,7 +268,7 @@ void gemv_grad_4bit(const GemvGradArgs& a, int64_t chunk_begin, int64_t chunk_en
       }
       const int64_t next_rows = std::min(kGradBlockRows, a.N - n0 - rows);
       const GradStrip strip{c0, chunks, n0, rows, chunk_scales.data(), sums, n0 == 0, n0 + rows == a.N, next_rows};
-      gemv_grad_groups<kGradRowGroup>(a, strip, 0);
+      for_each_row_group<kGradRowGroup>(a.M, 0, [&]<int G>(int64_t m) { gemv_grad_rows<G>(a, strip, m); });
     }
   }
   std::free(sums);
@@ -339,13 +344,6 @@ void gemv_rows(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0) {
 }
 #endif
 
-// Rows [m, M) of x: groups of MT rows, then the remainder in halving groups.
-template <int MT>
-void gemv_groups(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m) {
-  for (; m + MT <= a.M; m += MT) gemv_rows<MT>(a, turn, m);
-  if constexpr (MT > 1) gemv_groups<MT / 2>(a, turn, m);
-}
-
 void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
   const int block_shift = log2_blocksize(a.blocksize);
   std::vector<float> scales;
@@ -355,7 +353,7 @@ void gemv_4bit(const Gemv4bitArgs& a, int64_t n_begin, int64_t n_end) {
     scales.resize(end_block - first_block);
     decode_block_scales(a.scales, first_block, end_block - first_block, scales.data());
     const GemvTurn turn{n, n_stop, scales.data(), first_block, block_shift, a.K};
-    gemv_groups<kGemvRowGroup>(a, turn, 0);
+    for_each_row_group<kGemvRowGroup>(a.M, 0, [&]<int G>(int64_t m) { gemv_rows<G>(a, turn, m); });
   }
 }
 
