@@ -45,9 +45,9 @@ bool gemv_grad_available() { return select_kernels().gemv_grad_4bit != nullptr; 
 
 void gemv_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x) {
   const int64_t M = grad_y.size(0), K = w.K;
-  const at::Tensor g_t = grad_y.to(at::kFloat).t().contiguous();
-  const at::Tensor out =
-      grad_x.scalar_type() == at::kFloat ? grad_x : at::empty({M, K}, grad_x.options().dtype(at::kFloat));
+  TORCH_INTERNAL_ASSERT(grad_y.scalar_type() == at::kFloat && grad_x.scalar_type() == at::kFloat &&
+                        grad_x.is_contiguous());
+  const at::Tensor g_t = grad_y.t().contiguous();
   GemvGradArgs args{};
   args.grad_y_t = g_t.const_data_ptr<float>();
   args.M = M;
@@ -58,11 +58,10 @@ void gemv_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor
   args.blocksize = w.blocksize;
   const Codebook4 cb = make_codebook4(w.quant_type);
   for (int c = 0; c < 16; ++c) args.lut[c] = cb.value[c];
-  args.grad_x = out.mutable_data_ptr<float>();
+  args.grad_x = grad_x.mutable_data_ptr<float>();
   const QuantKernels& kernels = select_kernels();
   // Four chunks (128 columns, one cache line of codes per row of W) per task at least.
   at::parallel_for(0, K / 32, 4, [&](int64_t begin, int64_t end) { kernels.gemv_grad_4bit(args, begin, end); });
-  if (!out.is_same(grad_x)) grad_x.copy_(out);
 }
 
 namespace {

@@ -24,8 +24,8 @@ struct Packed4bit {
 };
 
 // The GEMV for the input gradient at small batches (AVX-512 only: gemv_grad_available): grad_x [M, K] = grad_y [M, N]
-// @ W in float32 with W decoded in registers, each thread owning chunks of 32 columns of grad_x. grad_y contiguous,
-// any float dtype; grad_x contiguous [M, K]; requires K % 32 == 0.
+// @ W in float32 with W decoded in registers, each thread owning chunks of 32 columns of grad_x. grad_y and grad_x
+// float32, grad_x contiguous [M, K]; requires K % 32 == 0.
 bool gemv_grad_available();
 void gemv_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor& grad_x);
 

@@ -110,17 +110,9 @@ void gemv_tile(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0, int64_t 
                float (*partial)[MT][16]) {
   // Locals, not fields of `a`: the stores to partial / y could alias them, and reloading them costs load slots.
   const int64_t K = a.K, x_chunk_stride = a.M * 32;
-  const int block_shift = turn.block_shift;
+  const GemvTurn t = turn;
   const uint8_t* rows[NB];
-  const float* scales[NB];  // the scales of each row's blocks, indexed by (column >> block_shift)
-  for (int r = 0; r < NB; ++r) {
-    rows[r] = a.packed + (n + r) * K / 2;
-    scales[r] = turn.block_scales + (((n + r) * K) >> block_shift) - turn.first_block;
-  }
-  // Blocks may straddle rows: a row's first column can sit inside a block, so column k is at offset
-  // ((n + r) * K + k) >> shift, not k >> shift, from the block of the row's first element. row_offset fixes that.
-  int64_t row_offset[NB];
-  for (int r = 0; r < NB; ++r) row_offset[r] = ((n + r) * K) & ((int64_t{1} << block_shift) - 1);
+  for (int r = 0; r < NB; ++r) rows[r] = a.packed + (n + r) * K / 2;
   const __m512 lut = _mm512_loadu_ps(a.lut);
   __m512 acc[NB][MT];
   for (int r = 0; r < NB; ++r) {
@@ -137,7 +129,7 @@ void gemv_tile(const Gemv4bitArgs& a, const GemvTurn& turn, int64_t m0, int64_t 
       }
     }
     for (int r = 0; r < NB; ++r) {
-      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(scales[r][(row_offset[r] + k) >> block_shift]));
+      const __m512 block_lut = _mm512_mul_ps(lut, _mm512_set1_ps(t.scale(n + r, k)));
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k / 2)));
       // permutexvar reads only the low 4 bits of each index: the byte itself indexes by its low nibble.
       w_odd[r] = _mm512_permutexvar_ps(bytes, block_lut);
@@ -422,7 +414,7 @@ struct RowDecoder {
     return table;
   }
   // Row n's 32 values at column k (n < N).
-  __m512i chunk(int64_t n, int64_t k) { return decode32_bf16(packed + (n * K + k) / 2, table_at(n, k)); }
+  __m512i chunk(int64_t n, int64_t k) { return decode32_bf16(codes(n, k), table_at(n, k)); }
   const uint8_t* codes(int64_t n, int64_t k) const { return packed + (n * K + k) / 2; }
 };
 
