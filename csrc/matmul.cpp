@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "cpu/matmul_cpu.h"
@@ -42,16 +43,22 @@ int64_t cpu_gemv_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 
 // only wins below batch 8. (For the forward, the tiled path was always as fast.)
 int64_t cpu_panel_max_batch(at::ScalarType dtype) { return dtype == at::kFloat ? 64 : 4; }
 
-// Largest batch for the CPU AMX path (bfloat16, cpu/matmul_cpu.h): the forward above the GEMV's batches, the input
-// gradient from batch 1 (measured at 4096 x 4096, 2 threads: 0.82-0.95x of a dense bf16 layer at batches 8-64, where
-// the tiled path gave 0.5x; the panel path 0.6x at batches 2-4). Above 64 it falls behind (forward 0.5x of dense at
-// batches 256-512, where the tiled path gives 0.94x; the column-tiled input gradient 0.92x at 512).
-constexpr int64_t kCpuAmxMaxBatch = 64;
+// Largest batch for the CPU AMX forward (bfloat16, cpu/matmul_cpu.h), above the GEMV's batches (measured at 4096 x
+// 4096, 2 threads: 1.1-1.2x of a dense bf16 layer at batches 16-64). Above 64 it falls behind: each 32-row panel of W
+// reads all of x, and 0.4-0.5x of dense at batch 512, where the tiled path gives 0.95x (see matmul_cpu.cpp for the
+// blockings tried). The AMX input gradient has no limit: it matched or beat the column-tiled GEMM at every batch
+// measured (1.5 / 2.7 / 4.2 / 6.5 / 12.4 / 46.5 ms at batch 16 / 64 / 128 / 256 / 512 / 2048, against 1.5 / 2.7 /
+// 5.2 / 7.1 / 13-16 / 45 ms), and it keeps no tile of W (the column tile and BLAS's repacked copy of it were 18 MiB
+// at batch 512).
+constexpr int64_t kCpuAmxForwardMaxBatch = 64;
 
 // Largest batch for the CPU input-gradient GEMV (float32, AVX-512; cpu/matmul_cpu.h). Measured at 4096 x 4096, 2
 // threads: 2.5 / 4.6 / 9.6 ms at batch 16 / 32 / 64, where the panel path took about 4.4 / 7.6 / 11.5 ms; at 96 the
 // tiled GEMM is level with it (14 ms) and at 128 ahead (17 vs 20 ms).
 constexpr int64_t kCpuGemvGradMaxBatch = 64;
+
+// Rows of x per step of lora_linear's LoRA branch (64 rows: 1 MiB of float32 per copy at 4096 features).
+constexpr int64_t kLoraRowChunk = 64;
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -88,9 +95,10 @@ struct Weight4bit {
            N > 0;
   }
 
-  // The CPU AMX path's view of W, or nullopt when that path does not apply to this activation.
-  std::optional<cpu::Packed4bit> cpu_amx(const at::Tensor& activation, int64_t rows) const {
-    if (!cpu_bf16_decodable(activation, rows) || rows > kCpuAmxMaxBatch || !cpu::amx_bf16_available()) {
+  // The CPU AMX path's view of W, or nullopt when that path does not apply to this activation (of at most max_rows
+  // rows).
+  std::optional<cpu::Packed4bit> cpu_amx(const at::Tensor& activation, int64_t rows, int64_t max_rows) const {
+    if (!cpu_bf16_decodable(activation, rows) || rows > max_rows || !cpu::amx_bf16_available()) {
       return std::nullopt;
     }
     return cpu_view();
@@ -205,7 +213,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
       x.scalar_type() != at::kDouble) {
     const BlockScales scales = block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cpu::gemv_4bit(x2, packed, scales, blocksize, parse_quant_type(quant_type), y);
-  } else if (const auto amx = w.cpu_amx(x, M)) {
+  } else if (const auto amx = w.cpu_amx(x, M, kCpuAmxForwardMaxBatch)) {
     cpu::amx_forward(x2.contiguous(), *amx, y);
   } else if (!gemv_4bit_cuda(x2, w, y)) {
     tiled_forward(x2, y, w.N, [&](at::ScalarType dtype, auto&& fn) { for_each_weight_tile(w, dtype, fn); });
@@ -222,7 +230,7 @@ at::Tensor matmul_4bit_grad_x(const at::Tensor& grad_y, const at::Tensor& packed
                                     offset, nested_blocksize);
   check_activation(grad_y, "grad_y", w.N, "out_features", packed, "packed");
   const int64_t M = leading_rows(grad_y);
-  const auto amx = w.cpu_amx(grad_y, M);
+  const auto amx = w.cpu_amx(grad_y, M, std::numeric_limits<int64_t>::max());
   const auto gemv = amx ? std::nullopt : w.cpu_gemv_grad(grad_y, M);
   const auto panels = amx || gemv ? std::nullopt : w.cpu_panels(grad_y, M);
   const auto columns = amx || gemv || panels ? std::nullopt : w.cpu_bf16_columns(grad_y, M);
@@ -279,14 +287,20 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
                              offset, nested_blocksize);
   // The LoRA branch in the adapters' dtype, accumulated into the 4-bit result: y += scaling * (x_lora @ A.T) @ B.T.
+  // Taken kLoraRowChunk rows at a time, so that its copies of x and of the product in the adapters' dtype (float32
+  // adapters with 16-bit activations) stay small at large batches.
   const int64_t M = leading_rows(x);
-  const at::Tensor lx = lora_x.value_or(x).reshape({M, w.K}).to(lora_A.scalar_type());
-  const at::Tensor h = at::mm(lx, lora_A.t());
+  const at::Tensor lx_all = lora_x.value_or(x).reshape({M, w.K});
   at::Tensor y2 = y.view({M, w.N});
-  if (y.scalar_type() == lora_A.scalar_type()) {
-    y2.addmm_(h, lora_B.t(), 1.0, scaling);
-  } else {
-    y2.add_(at::mm(h, lora_B.t()).mul_(scaling).to(y.scalar_type()));
+  for (int64_t m0 = 0; m0 < M; m0 += kLoraRowChunk) {
+    const int64_t rows = std::min(kLoraRowChunk, M - m0);
+    const at::Tensor h = at::mm(lx_all.narrow(0, m0, rows).to(lora_A.scalar_type()), lora_A.t());
+    at::Tensor part = y2.narrow(0, m0, rows);
+    if (y.scalar_type() == lora_A.scalar_type()) {
+      part.addmm_(h, lora_B.t(), 1.0, scaling);
+    } else {
+      part.add_(at::mm(h, lora_B.t()).mul_(scaling).to(y.scalar_type()));
+    }
   }
   return y;
 }

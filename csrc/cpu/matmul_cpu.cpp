@@ -149,12 +149,12 @@ namespace {
 // batch 512 at 0.75-0.8x of the dense layer, against 0.95x on the tiled path.)
 constexpr int64_t kAmxForwardRows = 32;
 // The input gradient: threads take 512 columns of grad_x at a time and walk down W in panels of 512 rows, decoded to
-// VNNI pairs ([256][512][2] bfloat16, 512 KiB); each panel feeds one brgemm per 64 columns (four AMX tiles of
-// output) with a 512-row reduction. Wide panels matter twice: each row of W is read 256 contiguous bytes at a time
-// (a walk down 64-column strips touches a new page every other row), and each brgemm call costs microseconds of
-// setup, so a few long reductions beat many short ones.
+// VNNI pairs ([256][512][2] bfloat16, 512 KiB); each panel feeds one brgemm over all its columns with a 512-row
+// reduction, accumulated into the strip's float32 sums [M, 512]. Wide panels matter twice: each row of W is read 256
+// contiguous bytes at a time (a walk down 64-column strips touches a new page every other row), and each brgemm call
+// costs microseconds of setup, so a few long reductions beat many short ones. (One brgemm per 64 columns instead:
+// the same at batch 16-64, 1.35x slower at batch 512.)
 constexpr int64_t kAmxGradPanelColumns = 512;
-constexpr int64_t kAmxGradColumns = 64;
 constexpr int64_t kAmxGradRows = 512;
 
 PanelBf16Args panel_args(const Packed4bit& w) {
@@ -251,11 +251,8 @@ void amx_grad_x(const at::Tensor& grad_y, const Packed4bit& w, const at::Tensor&
       for (int64_t n0 = 0; n0 < N2; n0 += kAmxGradRows) {
         const int64_t rows = std::min(kAmxGradRows, N2 - n0);
         kernels.decode_row_pairs_bf16(a, n0, n0 + rows);
-        for (int64_t c = 0; c < width; c += kAmxGradColumns) {
-          at::native::cpublas::brgemm(M, std::min(kAmxGradColumns, width - c), rows, /*ld_a=*/N2, /*ld_b=*/width,
-                                      /*ld_c=*/kAmxGradPanelColumns, /*add_C=*/n0 > 0,
-                                      as_bf16(g.const_data_ptr()) + n0, as_bf16(a.out) + 2 * c, C + c);
-        }
+        at::native::cpublas::brgemm(M, width, rows, /*ld_a=*/N2, /*ld_b=*/width, /*ld_c=*/kAmxGradPanelColumns,
+                                    /*add_C=*/n0 > 0, as_bf16(g.const_data_ptr()) + n0, as_bf16(a.out), C);
       }
       // The panels hold each 32-column chunk as its 16 even columns, then its 16 odd ones (see
       // decode_row_pairs_bf16), and so do the sums' columns.

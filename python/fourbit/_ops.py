@@ -233,6 +233,10 @@ def _lora_linear_setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+# Rows per step of the LoRA term in lora_linear's backward (the forward's is kLoraRowChunk in csrc/matmul.cpp).
+_LORA_ROW_CHUNK = 64
+
+
 def _lora_linear_backward(ctx, grad):
     packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, lora_input = ctx.saved_tensors
     blocksize, quant_type, shape, nested_blocksize = ctx.weight_args
@@ -240,10 +244,7 @@ def _lora_linear_backward(ctx, grad):
     need = lambda i: len(needs) > i and needs[i]  # noqa: E731  (trailing defaulted inputs are dropped)
     n_out, k_in = shape
     grad_x = grad_A = grad_B = grad_bias = grad_lora_x = None
-    # Ordered for peak memory: the 4-bit product first (its kernels' buffers are gone before the LoRA term's
-    # float32 copies of the activations exist), each [M, in_features] temporary dropped once used, and the LoRA
-    # term added into grad_x in place. (At batch 512, bf16, 4096 x 4096 the peak is still set by the 4-bit gradient's
-    # column tile and BLAS's repacked copy of it: 94 -> 92 MiB for the whole step.)
+    # The 4-bit product first: its kernels' buffers are gone before the LoRA term's temporaries exist.
     if need(0):
         grad_x = torch.ops.fourbit.matmul_4bit_grad_x(
             grad, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
@@ -251,22 +252,33 @@ def _lora_linear_backward(ctx, grad):
     g = _as_rows(grad, n_out)
     if need(9):
         grad_bias = g.sum(0).to(ctx.bias_dtype)
-    ga = g.to(lora_A.dtype)
-    grad_h = (ga @ lora_B) * ctx.scaling  # [M, r]
-    if need(6) or need(7):
-        lx = _as_rows(lora_input, k_in).to(lora_A.dtype)
-        if need(6):
-            grad_A = grad_h.t() @ lx
-        if need(7):
-            grad_B = (ga.t() @ (lx @ lora_A.t())) * ctx.scaling
-        del lx
-    del ga
-    if (need(0) and not ctx.separate_lora_x) or need(10):
-        grad_lx = grad_h @ lora_A
-        if need(10):
-            grad_lora_x = grad_lx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        if need(0) and not ctx.separate_lora_x:
-            grad_x.add_(grad_lx.reshape(ctx.x_shape).to(grad_x.dtype))
+    lx_all = _as_rows(lora_input, k_in)
+    add_to_x = need(0) and not ctx.separate_lora_x
+    gx_rows = _as_rows(grad_x, k_in) if add_to_x else None
+    if need(10):
+        grad_lora_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device)
+        glx_rows = _as_rows(grad_lora_x, k_in)
+    if need(6):
+        grad_A = torch.zeros_like(lora_A)
+    if need(7):
+        grad_B = torch.zeros_like(lora_B)
+    # The LoRA term _LORA_ROW_CHUNK rows at a time: its copies of grad and of the input in the adapters' dtype
+    # (float32 adapters with 16-bit activations) stay small at large batches.
+    for m0 in range(0, g.shape[0], _LORA_ROW_CHUNK):
+        ga = g[m0 : m0 + _LORA_ROW_CHUNK].to(lora_A.dtype)
+        grad_h = (ga @ lora_B) * ctx.scaling  # [rows, r]
+        if need(6) or need(7):
+            lx = lx_all[m0 : m0 + _LORA_ROW_CHUNK].to(lora_A.dtype)
+            if need(6):
+                grad_A.addmm_(grad_h.t(), lx)
+            if need(7):
+                grad_B.addmm_(ga.t(), lx @ lora_A.t(), alpha=ctx.scaling)
+        if add_to_x or need(10):
+            grad_lx = grad_h @ lora_A
+            if need(10):
+                glx_rows[m0 : m0 + _LORA_ROW_CHUNK] = grad_lx
+            if add_to_x:
+                gx_rows[m0 : m0 + _LORA_ROW_CHUNK] += grad_lx.to(grad_x.dtype)
     grads = (grad_x, None, None, None, None, None, grad_A, grad_B, None, grad_bias, grad_lora_x, None, None, None, None)
     return grads[: len(needs)]
 
