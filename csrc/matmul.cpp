@@ -6,9 +6,10 @@
 // None of the paths ever holds a full dequantized copy of W (docs/kernels.md has the table of which runs when):
 //  * small batches: the GEMV kernels (cpu/matmul_kernels.h, cuda/matmul_cuda.cu) decode nibbles in registers and
 //    read the packed weight once;
-//  * medium batches on the CPU (cpu/matmul_cpu.cpp): bfloat16 on AMX, W decoded into each core's cache and
-//    multiplied on the matrix unit (both directions); the float32 input gradient on per-thread panels of W;
-//  * the bfloat16 input gradient at large batches on the CPU: column tiles of W, one GEMM each;
+//  * on the CPU (cpu/matmul_cpu.cpp): bfloat16 on AMX, W decoded into each core's cache and multiplied on the
+//    matrix unit (the forward at medium batches, the input gradient at every batch); the float32 input gradient at
+//    medium batches on per-thread panels of W;
+//  * the bfloat16 input gradient at large batches on CPUs without AMX: column tiles of W, one GEMM each;
 //  * everything else: W is dequantized a tile of rows at a time (at most a quarter of W, see tile_elements) into one
 //    buffer in the compute dtype, and each tile goes through the backend's GEMM (BLAS / cuBLAS), writing its slice of
 //    the output (forward) or accumulating into grad_x (backward).
