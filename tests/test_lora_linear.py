@@ -62,6 +62,26 @@ def test_separate_lora_input_for_dropout():
     )
 
 
+@pytest.mark.parametrize("separate_lora_x", [False, True], ids=["lora_x=x", "lora_x"])
+def test_batches_above_the_lora_chunk_match_the_reference(separate_lora_x):
+    # The LoRA term runs 64 rows at a time in both directions (csrc/matmul.cpp kLoraRowChunk, _ops.py
+    # _LORA_ROW_CHUNK): 150 rows in a 3-D x give two full chunks and a partial one, whose sums into grad_A and grad_B
+    # and whose rows of grad_x / grad_lora_x must all land in place.
+    packed, state, A, B = _setup()
+    x = torch.randn(3, 50, 96, dtype=torch.float64, requires_grad=True)
+    lora_x = torch.randn(3, 50, 96, dtype=torch.float64, requires_grad=True) if separate_lora_x else None
+    A.requires_grad_()
+    B.requires_grad_()
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    y = fourbit.lora_linear(x, packed, state, A, B, 0.75, bias, lora_x=lora_x)
+    expected = _reference(x, packed, state, A, B, 0.75, bias, lora_x=lora_x)
+    torch.testing.assert_close(y, expected)
+    inputs = (x, A, B, bias) + ((lora_x,) if separate_lora_x else ())
+    grad = torch.randn_like(y)
+    for ours, theirs in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_float32_adapters_with_half_precision_input(cpu_isa, x_dtype):
     # PEFT casts the LoRA input to the adapters' dtype and the LoRA output back to the base layer's.
