@@ -391,6 +391,12 @@ inline __m512i decode32_bf16(const uint8_t* bytes, __m512i table) {
   return _mm512_permutexvar_epi16(index, table);
 }
 
+// Asks for the cache line holding row n's codes at column k of W [N, K]. Rows past the end ask for the last row
+// instead of skipping: GCC 12 dropped this prefetch from the binary when it sat under an `if (n < N)`.
+inline void prefetch_codes(const uint8_t* packed, int64_t N, int64_t K, int64_t n, int64_t k) {
+  _mm_prefetch(reinterpret_cast<const char*>(packed + (std::min(n, N - 1) * K + k) / 2), _MM_HINT_T0);
+}
+
 // Rows of W decoded chunk by chunk, each keeping its block's table across the chunks of that block. The fields are
 // copies (not references into the arguments), so the compiler keeps them in registers across the stores.
 struct RowDecoder {
@@ -416,11 +422,7 @@ struct RowDecoder {
   // Row n's 32 values at column k (n < N).
   __m512i chunk(int64_t n, int64_t k) { return decode32_bf16(codes(n, k), table_at(n, k)); }
   const uint8_t* codes(int64_t n, int64_t k) const { return packed + (n * K + k) / 2; }
-  // Asks for the cache line holding row n's codes at column k (rows past the end ask for the last row: GCC drops a
-  // prefetch under a branch).
-  void prefetch(int64_t n, int64_t k) const {
-    _mm_prefetch(reinterpret_cast<const char*>(codes(std::min(n, N - 1), k)), _MM_HINT_T0);
-  }
+  void prefetch(int64_t n, int64_t k) const { prefetch_codes(packed, N, K, n, k); }
 };
 
 // The decoders read W from memory at a few GB/s per core unless they ask for it ahead: the hardware prefetchers lose
@@ -465,10 +467,8 @@ void decode_row_pairs_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_en
   const __m512i set_bits = _mm512_set1_epi32(0x00210001), odd_nibbles = _mm512_set1_epi32(0x001E001E);
   for (int64_t n = n_begin; n < n_end; n += 2) {
     for (int64_t k = k_begin; k < k_end; k += 128) {  // one 64-byte line of codes per 128 columns
-      _mm_prefetch(reinterpret_cast<const char*>(packed + (std::min(n + kPairPrefetchRows, N - 1) * K + k) / 2),
-                   _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(packed + (std::min(n + kPairPrefetchRows + 1, N - 1) * K + k) / 2),
-                   _MM_HINT_T0);
+      prefetch_codes(packed, N, K, n + kPairPrefetchRows, k);
+      prefetch_codes(packed, N, K, n + kPairPrefetchRows + 1, k);
     }
     uint16_t* pair = out + (n - n_begin) * width;  // pair (n - n_begin) / 2: 2 * width values
     // Past N, the second row is a zero row: its table is zero, and it reads row n's codes (any codes give zeros).
