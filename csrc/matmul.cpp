@@ -58,7 +58,7 @@ constexpr int64_t kCpuAmxForwardMaxBatch = 64;
 // tiled GEMM is level with it (14 ms) and at 128 ahead (17 vs 20 ms).
 constexpr int64_t kCpuGemvGradMaxBatch = 64;
 
-// Rows of x per step of lora_linear's LoRA branch (64 rows: 1 MiB of float32 per copy at 4096 features).
+// Rows of x per step of lora_linear's LoRA branch on the CPU (64 rows: 1 MiB of float32 per copy at 4096 features).
 constexpr int64_t kLoraRowChunk = 64;
 
 using OptTensor = std::optional<at::Tensor>;
@@ -288,13 +288,15 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
                              offset, nested_blocksize);
   // The LoRA branch in the adapters' dtype, accumulated into the 4-bit result: y += scaling * (x_lora @ A.T) @ B.T.
-  // Taken kLoraRowChunk rows at a time, so that its copies of x and of the product in the adapters' dtype (float32
-  // adapters with 16-bit activations) stay small at large batches.
+  // On the CPU, kLoraRowChunk rows at a time, so that its copies of x and of the product in the adapters' dtype
+  // (float32 adapters with 16-bit activations) stay small at large batches. (On a GPU, each chunk would cost kernel
+  // launches: one step there.)
   const int64_t M = leading_rows(x);
+  const int64_t chunk = x.is_cpu() ? kLoraRowChunk : std::max<int64_t>(M, 1);
   const at::Tensor lx_all = lora_x.value_or(x).reshape({M, w.K});
   at::Tensor y2 = y.view({M, w.N});
-  for (int64_t m0 = 0; m0 < M; m0 += kLoraRowChunk) {
-    const int64_t rows = std::min(kLoraRowChunk, M - m0);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
     const at::Tensor h = at::mm(lx_all.narrow(0, m0, rows).to(lora_A.scalar_type()), lora_A.t());
     at::Tensor part = y2.narrow(0, m0, rows);
     if (y.scalar_type() == lora_A.scalar_type()) {

@@ -233,7 +233,8 @@ def _lora_linear_setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-# Rows per step of the LoRA term in lora_linear's backward (the forward's is kLoraRowChunk in csrc/matmul.cpp).
+# Rows per step of the LoRA term in lora_linear's backward on the CPU (the forward's is kLoraRowChunk in
+# csrc/matmul.cpp).
 _LORA_ROW_CHUNK = 64
 
 
@@ -262,13 +263,15 @@ def _lora_linear_backward(ctx, grad):
         grad_A = torch.zeros_like(lora_A)
     if need(7):
         grad_B = torch.zeros_like(lora_B)
-    # The LoRA term _LORA_ROW_CHUNK rows at a time: its copies of grad and of the input in the adapters' dtype
-    # (float32 adapters with 16-bit activations) stay small at large batches.
-    for m0 in range(0, g.shape[0], _LORA_ROW_CHUNK):
-        ga = g[m0 : m0 + _LORA_ROW_CHUNK].to(lora_A.dtype)
+    # On the CPU, the LoRA term _LORA_ROW_CHUNK rows at a time: its copies of grad and of the input in the adapters'
+    # dtype (float32 adapters with 16-bit activations) stay small at large batches. (On a GPU, one step: each chunk
+    # would cost kernel launches.)
+    chunk = _LORA_ROW_CHUNK if grad.device.type == "cpu" else max(g.shape[0], 1)
+    for m0 in range(0, g.shape[0], chunk):
+        ga = g[m0 : m0 + chunk].to(lora_A.dtype)
         grad_h = (ga @ lora_B) * ctx.scaling  # [rows, r]
         if need(6) or need(7):
-            lx = lx_all[m0 : m0 + _LORA_ROW_CHUNK].to(lora_A.dtype)
+            lx = lx_all[m0 : m0 + chunk].to(lora_A.dtype)
             if need(6):
                 grad_A.addmm_(grad_h.t(), lx)
             if need(7):
@@ -276,9 +279,9 @@ def _lora_linear_backward(ctx, grad):
         if add_to_x or need(10):
             grad_lx = grad_h @ lora_A
             if need(10):
-                glx_rows[m0 : m0 + _LORA_ROW_CHUNK] = grad_lx
+                glx_rows[m0 : m0 + chunk] = grad_lx
             if add_to_x:
-                gx_rows[m0 : m0 + _LORA_ROW_CHUNK] += grad_lx.to(grad_x.dtype)
+                gx_rows[m0 : m0 + chunk] += grad_lx.to(grad_x.dtype)
     grads = (grad_x, None, None, None, None, None, grad_A, grad_B, None, grad_bias, grad_lora_x, None, None, None, None)
     return grads[: len(needs)]
 
