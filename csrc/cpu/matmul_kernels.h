@@ -422,7 +422,6 @@ struct RowDecoder {
   // Row n's 32 values at column k (n < N).
   __m512i chunk(int64_t n, int64_t k) { return decode32_bf16(codes(n, k), table_at(n, k)); }
   const uint8_t* codes(int64_t n, int64_t k) const { return packed + (n * K + k) / 2; }
-  void prefetch(int64_t n, int64_t k) const { prefetch_codes(packed, N, K, n, k); }
 };
 
 // The decoders read W from memory at a few GB/s per core unless they ask for it ahead: the hardware prefetchers lose
@@ -442,7 +441,7 @@ void decode_rows_bf16(const PanelBf16Args& a, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     uint16_t* row = out + (n - n_begin) * width;
     for (int64_t k = k_begin; k < k_end; k += 32) {
-      if ((k - k_begin) % 128 == 0) decoder.prefetch(n + ahead, k);  // one 64-byte line of codes per 128 columns
+      if ((k - k_begin) % 128 == 0) prefetch_codes(a.packed, a.N, a.K, n + ahead, k);  // a 64-byte line per 128
       _mm512_storeu_si512(row + (k - k_begin), decoder.chunk(n, k));
     }
   }
